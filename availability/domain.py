@@ -1,0 +1,161 @@
+"""What the service does, in DESIGN.md's words: writes go to the truth then the mirror,
+reads go to the mirror then the truth, heartbeats go to the mirror alone."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TypeVar
+from uuid import UUID
+
+from .errors import HeartbeatRefused, MitraNotFound
+from .mirror import MIRROR_ERRORS, HeartbeatOutcome, Mirror
+from .model import AvailabilityCount, AvailableMitra, MitraState, MitraStatus, Source
+from .settings import Settings
+from .truth import Truth
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Counters:
+    """Things an operator wants counted; the metrics endpoint reads these."""
+
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    mirror_write_errors: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def bump(counter: dict[str, int], path: str) -> None:
+        counter[path] = counter.get(path, 0) + 1
+
+
+class Availability:
+    """The domain: one instance per process, shared by every RPC and background task."""
+
+    def __init__(self, truth: Truth, mirror: Mirror, settings: Settings) -> None:
+        self.truth = truth
+        self.mirror = mirror
+        self.settings = settings
+        self.counters = Counters()
+
+    async def _read(
+        self,
+        path: str,
+        from_mirror: Callable[[], Awaitable[T]],
+        from_truth: Callable[[], Awaitable[T]],
+    ) -> T:
+        """Valkey first; on any Valkey error (or a mitra it does not know), Postgres."""
+        try:
+            return await from_mirror()
+        except MIRROR_ERRORS as exc:
+            Counters.bump(self.counters.fallbacks, path)
+            log.warning(
+                "%s: mirror failed (%s: %s), reading the truth", path, type(exc).__name__, exc
+            )
+            return await from_truth()
+
+    async def _mirror(self, path: str, states: Sequence[MitraState]) -> None:
+        """Best effort after the truth committed: a failure is logged and counted, never raised;
+        the reconcile sweep heals what it leaves behind."""
+        try:
+            await self.mirror.apply(states)
+        except MIRROR_ERRORS as exc:
+            Counters.bump(self.counters.mirror_write_errors, path)
+            log.warning("%s: mirror write failed (%s: %s)", path, type(exc).__name__, exc)
+
+    def _status_from_truth(self, state: MitraState, now: datetime) -> MitraStatus:
+        window = timedelta(seconds=self.settings.truth_freshness_seconds)
+        heartbeat = state.last_heartbeat_at
+        return MitraStatus(
+            mitra_id=state.mitra_id,
+            display_name=state.display_name,
+            online=state.online,
+            active=state.active,
+            fresh=heartbeat is not None and heartbeat >= now - window,
+            load=state.load,
+            max_concurrent_sessions=state.max_concurrent_sessions,
+            last_heartbeat_at=heartbeat,
+            source=Source.DATABASE,
+        )
+
+    async def set_online(self, mitra_id: UUID) -> MitraStatus:
+        state, now = await self.truth.set_online(mitra_id)
+        await self._mirror("set_online", [state])
+        return self._status_from_truth(state, now)
+
+    async def set_offline(self, mitra_id: UUID) -> MitraStatus:
+        state, now = await self.truth.set_offline(mitra_id)
+        await self._mirror("set_offline", [state])
+        return self._status_from_truth(state, now)
+
+    async def set_active(self, mitra_id: UUID, active: bool) -> tuple[MitraStatus, int]:
+        state, now, revoked = await self.truth.set_active(mitra_id, active)
+        await self._mirror("set_active", [state])
+        return self._status_from_truth(state, now), revoked
+
+    async def heartbeat(self, mitra_id: UUID) -> bool:
+        """True while the mitra is online. One Valkey round trip; Postgres only when Valkey
+        cannot answer, so an outage never lets a deactivated mitra's heartbeat through."""
+        try:
+            outcome = await self.mirror.heartbeat(mitra_id)
+        except MIRROR_ERRORS as exc:
+            Counters.bump(self.counters.fallbacks, "heartbeat")
+            log.warning(
+                "heartbeat: mirror failed (%s: %s), recording in the truth", type(exc).__name__, exc
+            )
+            return await self.truth.record_heartbeat(mitra_id)
+        if outcome is HeartbeatOutcome.DEACTIVATED:
+            raise HeartbeatRefused(mitra_id)
+        if outcome is HeartbeatOutcome.UNKNOWN:
+            Counters.bump(self.counters.fallbacks, "heartbeat")
+            online = await self.truth.record_heartbeat(mitra_id)
+            await self.resync([mitra_id])
+            return online
+        return outcome is HeartbeatOutcome.RECORDED
+
+    async def status(self, mitra_id: UUID) -> MitraStatus:
+        async def from_truth() -> MitraStatus:
+            return self._status_from_truth(*await self.truth.state(mitra_id))
+
+        return await self._read("status", lambda: self.mirror.status(mitra_id), from_truth)
+
+    async def find_available(
+        self, limit: int, exclude: Sequence[UUID]
+    ) -> tuple[list[AvailableMitra], Source]:
+        async def from_mirror() -> tuple[list[AvailableMitra], Source]:
+            return await self.mirror.find_available(limit, exclude), Source.CACHE
+
+        async def from_truth() -> tuple[list[AvailableMitra], Source]:
+            return await self.truth.find_available(limit, exclude), Source.DATABASE
+
+        return await self._read("find_available", from_mirror, from_truth)
+
+    async def count_available(self) -> AvailabilityCount:
+        return await self._read(
+            "count_available", self.mirror.count_available, self.truth.count_available
+        )
+
+    async def resync(self, mitra_ids: Sequence[UUID]) -> list[MitraState]:
+        """Re-read these mitras from the truth (load included) and mirror them."""
+        states = await self.truth.states(mitra_ids)
+        await self._mirror("resync", states)
+        return states
+
+    async def recompute_load(self, mitra_ids: Sequence[UUID]) -> list[tuple[UUID, int]]:
+        states = {s.mitra_id: s for s in await self.resync(mitra_ids)}
+        missing = [m for m in mitra_ids if m not in states]
+        if missing:
+            raise MitraNotFound(missing[0])
+        return [(m, states[m].load) for m in mitra_ids]
+
+    async def seed(self) -> int:
+        """Mirror every mitra from the truth; returns how many."""
+        count = 0
+        async for batch in self.truth.all_states():
+            await self.mirror.apply(batch)
+            count += len(batch)
+        return count

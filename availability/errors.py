@@ -1,0 +1,34 @@
+"""The domain's exceptions. `interceptors` maps each to one gRPC status code."""
+
+from __future__ import annotations
+
+
+class AvailabilityError(Exception):
+    """Base of every error a caller can cause or must be told about."""
+
+
+class InvalidArgument(AvailabilityError):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class MitraNotFound(AvailabilityError):
+    def __init__(self, mitra_id: object) -> None:
+        super().__init__(f"mitra {mitra_id} not found")
+
+
+class MitraDeactivated(AvailabilityError):
+    def __init__(self, mitra_id: object) -> None:
+        super().__init__(f"mitra {mitra_id} is deactivated")
+
+
+class HeartbeatRefused(MitraDeactivated):
+    """A deactivated mitra's app is still sending heartbeats: its credentials are void."""
+
+
+class TruthUnavailable(AvailabilityError):
+    """Postgres cannot be reached; no write can be acknowledged."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"database unavailable: {type(cause).__name__}: {cause}".rstrip(": "))

@@ -1,0 +1,16 @@
+-- ARGV[1] mitra id.
+-- Returns 1 recorded (online), 0 offline (not recorded), -1 deactivated, -2 unknown here.
+local id = ARGV[1]
+if redis.call('SISMEMBER', DEACTIVATED, id) == 1 then
+  return -1
+end
+if redis.call('SISMEMBER', ONLINE, id) == 0 then
+  if redis.call('HEXISTS', CAPACITY, id) == 0 then
+    return -2
+  end
+  return 0
+end
+local now = now_ms()
+redis.call('ZADD', HEARTBEATS, now, id)
+redis.call('HSET', DIRTY, id, now)
+return 1

@@ -1,0 +1,29 @@
+-- Shared by every script. KEYS are always the whole mirror, in this order:
+local ONLINE, DEACTIVATED, CAPACITY, NAMES, LOADS, HEARTBEATS, READY, VERSIONS, DIRTY, BEACON =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+
+-- Valkey's clock is the one clock: every instance's freshness is judged by it.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- READY holds online, active mitras below capacity, scored load * 1e10 + the second
+-- their load last changed (or they came online): least loaded, then longest idle.
+local LOAD_SCALE = 1e10
+
+local function update_ready(id, now_s)
+  local load = tonumber(redis.call('HGET', LOADS, id)) or 0
+  local capacity = tonumber(redis.call('HGET', CAPACITY, id)) or 0
+  if redis.call('SISMEMBER', ONLINE, id) == 1
+      and redis.call('SISMEMBER', DEACTIVATED, id) == 0
+      and load < capacity then
+    local score = tonumber(redis.call('ZSCORE', READY, id))
+    if score and math.floor(score / LOAD_SCALE) == load then
+      return
+    end
+    redis.call('ZADD', READY, string.format('%d', load * LOAD_SCALE + now_s), id)
+  else
+    redis.call('ZREM', READY, id)
+  end
+end

@@ -1,0 +1,193 @@
+"""The Valkey mirror: its key schema and scripts. Nobody else spells a key.
+
+Every key is `{<prefix>}:<name>`: the prefix is the hash tag, so one deployment's keys
+share a cluster slot (multi-key scripts work on Valkey Cluster) and several deployments
+or test runs can share one Valkey under different prefixes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+from uuid import UUID
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .model import AvailabilityCount, AvailableMitra, MitraState, MitraStatus, Source
+from .settings import Settings
+
+_APPLY_BATCH = 1000
+
+
+class MirrorMiss(Exception):
+    """The mirror does not know this mitra (yet): ask the truth."""
+
+
+MIRROR_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, MirrorMiss)
+"""What makes a reader fall back to Postgres."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    online: str
+    deactivated: str
+    capacity: str
+    names: str
+    loads: str
+    heartbeats: str
+    ready: str
+    versions: str
+    dirty: str
+    beacon: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> Keys:
+        tag = "{" + prefix + "}"
+        return cls(
+            online=f"{tag}:online",
+            deactivated=f"{tag}:deactivated",
+            capacity=f"{tag}:capacity",
+            names=f"{tag}:names",
+            loads=f"{tag}:loads",
+            heartbeats=f"{tag}:heartbeats",
+            ready=f"{tag}:ready",
+            versions=f"{tag}:versions",
+            dirty=f"{tag}:heartbeats:dirty",
+            beacon=f"{tag}:beacon",
+        )
+
+    def all(self) -> list[str]:
+        """Every key, in the order the scripts' prelude names them."""
+        return [
+            self.online,
+            self.deactivated,
+            self.capacity,
+            self.names,
+            self.loads,
+            self.heartbeats,
+            self.ready,
+            self.versions,
+            self.dirty,
+            self.beacon,
+        ]
+
+
+class HeartbeatOutcome(enum.Enum):
+    RECORDED = 1
+    OFFLINE = 0
+    DEACTIVATED = -1
+    UNKNOWN = -2
+
+
+def _script(name: str) -> str:
+    folder = resources.files("availability") / "lua"
+    prelude = (folder / "prelude.lua").read_text(encoding="utf-8")
+    return prelude + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def _ms(when: datetime | None) -> str:
+    return "" if when is None else str(int(when.timestamp() * 1000))
+
+
+def _time(ms: float) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def connect_valkey(settings: Settings) -> redis.Redis:
+    """A client that fails fast: no retries or backoff, since every caller has a fallback."""
+    url = settings.valkey_url.replace("valkey://", "redis://", 1).replace(
+        "valkeys://", "rediss://", 1
+    )
+    client: redis.Redis = redis.Redis.from_url(
+        url,
+        socket_timeout=settings.valkey_timeout_seconds,
+        socket_connect_timeout=settings.valkey_timeout_seconds,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    return client
+
+
+class Mirror:
+    """Reads and writes of the availability mirror; each call is one round trip."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.keys = Keys.for_prefix(settings.valkey_key_prefix)
+        self._all_keys = self.keys.all()
+        self._stale_ms = int(settings.heartbeat_stale_seconds * 1000)
+        self._credit_ms = int(settings.heartbeat_mirror_interval_seconds * 1000)
+        self._beacon_ttl_ms = int(settings.beacon_ttl_seconds * 1000)
+        self._heartbeat = client.register_script(_script("heartbeat"))
+        self._apply = client.register_script(_script("apply"))
+        self._status = client.register_script(_script("status"))
+        self._find = client.register_script(_script("find"))
+        self._count = client.register_script(_script("count"))
+
+    async def _run(self, script: Any, *args: object) -> Any:
+        return await script(keys=self._all_keys, args=list(args))
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def heartbeat(self, mitra_id: UUID) -> HeartbeatOutcome:
+        return HeartbeatOutcome(int(await self._run(self._heartbeat, str(mitra_id))))
+
+    async def apply(self, states: Sequence[MitraState]) -> None:
+        """Mirror states read from the truth (write-through, resync and seed all use this)."""
+        for first in range(0, len(states), _APPLY_BATCH):
+            args: list[object] = [self._credit_ms]
+            for s in states[first : first + _APPLY_BATCH]:
+                args += [
+                    str(s.mitra_id),
+                    s.display_name,
+                    s.max_concurrent_sessions,
+                    int(s.active),
+                    int(s.online),
+                    s.version,
+                    s.load,
+                    _ms(s.last_heartbeat_at),
+                ]
+            await self._run(self._apply, *args)
+
+    async def status(self, mitra_id: UUID) -> MitraStatus:
+        reply = await self._run(self._status, str(mitra_id))
+        if not reply:
+            raise MirrorMiss(mitra_id)
+        online, deactivated, capacity, load, heartbeat, now, name = reply
+        heartbeat_ms = None if heartbeat is None else float(heartbeat)
+        return MitraStatus(
+            mitra_id=mitra_id,
+            display_name=name.decode(),
+            online=bool(online),
+            active=not deactivated,
+            fresh=heartbeat_ms is not None and heartbeat_ms >= now - self._stale_ms,
+            load=int(load),
+            max_concurrent_sessions=int(capacity),
+            last_heartbeat_at=None if heartbeat_ms is None else _time(heartbeat_ms),
+            source=Source.CACHE,
+        )
+
+    async def find_available(self, limit: int, exclude: Sequence[UUID]) -> list[AvailableMitra]:
+        reply = await self._run(self._find, self._stale_ms, limit, *map(str, exclude))
+        return [
+            AvailableMitra(
+                UUID(reply[i].decode()), reply[i + 3].decode(), reply[i + 1], reply[i + 2]
+            )
+            for i in range(0, len(reply), 4)
+        ]
+
+    async def count_available(self) -> AvailabilityCount:
+        reply = await self._run(self._count, self._stale_ms, self._beacon_ttl_ms)
+        available, online, as_of = reply.decode().split(":")
+        return AvailabilityCount(int(available), int(online), _time(float(as_of)), Source.CACHE)

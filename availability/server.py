@@ -1,0 +1,176 @@
+"""The server's lifecycle: start-up order, background tasks, graceful shutdown, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .domain import Availability
+from .interceptors import ErrorMapping
+from .listener import ChangeListener
+from .mirror import MIRROR_ERRORS, Mirror, connect_valkey
+from .services.availability import AvailabilityService
+from .settings import Settings
+from .truth import Truth
+from .v1 import availability_pb2 as pb
+from .v1 import availability_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["AvailabilityService"].full_name,)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    """One serving process: stores, domain, gRPC server and the background tasks."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.availability: Availability | None = None
+        self.listener: ChangeListener | None = None
+        self.port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Connect, bind (health NOT_SERVING), migrate, seed, start tasks, then SERVING."""
+        started = time.perf_counter()
+        settings = self.settings
+        truth = await Truth.connect(settings)
+        mirror = Mirror(connect_valkey(settings), settings)
+        self.availability = availability = Availability(truth, mirror, settings)
+
+        self._grpc = grpc.aio.server(
+            interceptors=[ErrorMapping()],
+            options=[("grpc.so_reuseport", int(reuse_port))],
+        )
+        pb_grpc.add_AvailabilityServiceServicer_to_server(
+            AvailabilityService(availability), self._grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        await self._set_health(_NOT_SERVING)
+        self.port = self._grpc.add_insecure_port(settings.grpc_address)
+        if self.port == 0:
+            raise OSError(f"cannot bind GRPC_ADDRESS {settings.grpc_address}")
+        await self._grpc.start()
+
+        if settings.migrate_on_start:
+            await truth.migrate()
+        try:
+            seeded = await availability.seed()
+            log.info("mirror seeded with %d mitras", seeded)
+        except MIRROR_ERRORS as exc:
+            log.warning("Valkey unavailable at start-up (%s); serving from Postgres", exc)
+        self.listener = ChangeListener(availability)
+        self._tasks.append(asyncio.create_task(self.listener.run(), name="change-listener"))
+        await self._set_health(_SERVING)
+        log.info(
+            "serving on %s (pid %d) after %.2fs",
+            settings.grpc_address.rsplit(":", 1)[0] + f":{self.port}",
+            os.getpid(),
+            time.perf_counter() - started,
+        )
+
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking calls, let in-flight ones finish, stop tasks, close pools."""
+        await self.health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.availability is not None:
+            await self.availability.mirror.close()
+            await self.availability.truth.close()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Server]:
+    """A started server for the length of the block (tests and tools use this)."""
+    server = Server(settings)
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop(grace=1.0)
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = Server(settings)
+    try:
+        await server.start(reuse_port=reuse_port)
+        await stop.wait()
+        log.info("shutting down: draining in-flight calls")
+    finally:
+        await server.stop()
+    log.info("stopped")
+
+
+def _worker(settings: Settings) -> None:
+    from .logs import configure_logging
+
+    configure_logging(settings)
+    asyncio.run(serve(settings, reuse_port=True))
+
+
+def serve_workers(settings: Settings, workers: int) -> int:
+    """N processes sharing the port through SO_REUSEPORT (grpc examples/python/multiprocessing).
+
+    The parent only forwards SIGTERM/SIGINT and waits; a worker that dies stops the rest.
+    """
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_worker, args=(settings,), name=f"availability-worker-{i}")
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    exit_code = 0
+    while processes:
+        for process in list(processes):
+            process.join(timeout=0.2)
+            if process.exitcode is None:
+                continue
+            processes.remove(process)
+            if process.exitcode != 0:
+                exit_code = exit_code or 1
+                forward(signal.SIGTERM, None)
+    return exit_code

@@ -1,0 +1,1 @@
+"""gRPC servicers: thin layers that validate, call the domain and build responses."""

@@ -1,0 +1,72 @@
+"""Request validation and domain-to-protobuf conversion shared by the servicers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from uuid import UUID
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ..errors import InvalidArgument
+from ..model import AvailableMitra, MitraStatus, Source
+from ..v1 import availability_pb2 as pb
+
+MAX_IDS = 10_000
+
+_SOURCES = {Source.CACHE: pb.SOURCE_CACHE, Source.DATABASE: pb.SOURCE_DATABASE}
+
+
+def mitra_id(value: str, field: str = "mitra_id") -> UUID:
+    if not value:
+        raise InvalidArgument(field, "required")
+    try:
+        return UUID(value)
+    except ValueError:
+        raise InvalidArgument(field, f"must be a UUID, got {value[:64]!r}") from None
+
+
+def mitra_ids(values: Sequence[str], field: str, *, required: bool) -> list[UUID]:
+    """Parsed, de-duplicated in order, bounded."""
+    if required and not values:
+        raise InvalidArgument(field, "at least one id is required")
+    if len(values) > MAX_IDS:
+        raise InvalidArgument(field, f"at most {MAX_IDS} ids, got {len(values)}")
+    return list(dict.fromkeys(mitra_id(v, f"{field}[{i}]") for i, v in enumerate(values)))
+
+
+def timestamp(when: datetime | None) -> Timestamp | None:
+    if when is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def source(value: Source) -> pb.Source.ValueType:
+    return _SOURCES[value]
+
+
+def status(value: MitraStatus) -> pb.MitraStatus:
+    return pb.MitraStatus(
+        mitra_id=str(value.mitra_id),
+        display_name=value.display_name,
+        online=value.online,
+        active=value.active,
+        fresh=value.fresh,
+        reachable=value.reachable,
+        available=value.available,
+        load=value.load,
+        max_concurrent_sessions=value.max_concurrent_sessions,
+        last_heartbeat_time=timestamp(value.last_heartbeat_at),
+        source=source(value.source),
+    )
+
+
+def available_mitra(value: AvailableMitra) -> pb.AvailableMitra:
+    return pb.AvailableMitra(
+        mitra_id=str(value.mitra_id),
+        display_name=value.display_name,
+        load=value.load,
+        max_concurrent_sessions=value.max_concurrent_sessions,
+    )

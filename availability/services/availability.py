@@ -1,0 +1,101 @@
+"""AvailabilityService: validate, call the domain, build the response."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from ..domain import Availability
+from ..errors import InvalidArgument
+from ..v1 import availability_pb2 as pb
+from ..v1 import availability_pb2_grpc as pb_grpc
+from . import _convert as convert
+
+DEFAULT_FIND_LIMIT = 100
+MAX_FIND_LIMIT = 10_000
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class AvailabilityService(pb_grpc.AvailabilityServiceServicer):
+    def __init__(self, availability: Availability) -> None:
+        self._availability = availability
+
+    async def SetOnline(
+        self, request: pb.SetOnlineRequest, context: Context
+    ) -> pb.SetOnlineResponse:
+        status = await self._availability.set_online(convert.mitra_id(request.mitra_id))
+        return pb.SetOnlineResponse(status=convert.status(status))
+
+    async def SetOffline(
+        self, request: pb.SetOfflineRequest, context: Context
+    ) -> pb.SetOfflineResponse:
+        status = await self._availability.set_offline(convert.mitra_id(request.mitra_id))
+        return pb.SetOfflineResponse(status=convert.status(status))
+
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: Context
+    ) -> pb.HeartbeatResponse:
+        online = await self._availability.heartbeat(convert.mitra_id(request.mitra_id))
+        return pb.HeartbeatResponse(online=online)
+
+    async def SetMitraActive(
+        self, request: pb.SetMitraActiveRequest, context: Context
+    ) -> pb.SetMitraActiveResponse:
+        status, revoked = await self._availability.set_active(
+            convert.mitra_id(request.mitra_id), request.active
+        )
+        return pb.SetMitraActiveResponse(
+            status=convert.status(status), revoked_auth_sessions=revoked
+        )
+
+    async def GetMitraStatus(
+        self, request: pb.GetMitraStatusRequest, context: Context
+    ) -> pb.GetMitraStatusResponse:
+        status = await self._availability.status(convert.mitra_id(request.mitra_id))
+        return pb.GetMitraStatusResponse(status=convert.status(status))
+
+    async def IsMitraReachable(
+        self, request: pb.IsMitraReachableRequest, context: Context
+    ) -> pb.IsMitraReachableResponse:
+        status = await self._availability.status(convert.mitra_id(request.mitra_id))
+        return pb.IsMitraReachableResponse(
+            reachable=status.reachable, source=convert.source(status.source)
+        )
+
+    async def FindAvailableMitras(
+        self, request: pb.FindAvailableMitrasRequest, context: Context
+    ) -> pb.FindAvailableMitrasResponse:
+        if not 0 <= request.limit <= MAX_FIND_LIMIT:
+            raise InvalidArgument(
+                "limit", f"must be 0 (default) to {MAX_FIND_LIMIT}, got {request.limit}"
+            )
+        exclude = convert.mitra_ids(request.exclude_mitra_ids, "exclude_mitra_ids", required=False)
+        mitras, source = await self._availability.find_available(
+            request.limit or DEFAULT_FIND_LIMIT, exclude
+        )
+        return pb.FindAvailableMitrasResponse(
+            mitras=[convert.available_mitra(m) for m in mitras], source=convert.source(source)
+        )
+
+    async def CountAvailableMitras(
+        self, request: pb.CountAvailableMitrasRequest, context: Context
+    ) -> pb.CountAvailableMitrasResponse:
+        count = await self._availability.count_available()
+        return pb.CountAvailableMitrasResponse(
+            available_count=count.available,
+            online_count=count.online,
+            as_of=convert.timestamp(count.as_of),
+            source=convert.source(count.source),
+        )
+
+    async def RecomputeLoad(
+        self, request: pb.RecomputeLoadRequest, context: Context
+    ) -> pb.RecomputeLoadResponse:
+        ids = convert.mitra_ids(request.mitra_ids, "mitra_ids", required=True)
+        loads = await self._availability.recompute_load(ids)
+        return pb.RecomputeLoadResponse(
+            loads=[pb.MitraLoad(mitra_id=str(m), load=load) for m, load in loads]
+        )

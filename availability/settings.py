@@ -1,0 +1,157 @@
+"""One settings object, read once from the environment and passed in."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str
+    valkey_url: str
+    grpc_address: str = "127.0.0.1:50051"
+    heartbeat_stale_seconds: float = 90.0
+    mitra_auto_offline_sweep_seconds: float = 30.0
+    heartbeat_mirror_interval_seconds: float = 60.0
+    valkey_online_mirror_sweep_seconds: float = 300.0
+    valkey_cluster: bool = False
+    valkey_key_prefix: str = "availability"
+    default_max_concurrent_sessions: int = 3
+    beacon_ttl_seconds: float = 10.0
+    database_pool_size: int = 10
+    database_timeout_seconds: float = 5.0
+    valkey_timeout_seconds: float = 0.25
+    allow_insecure_network: bool = False
+    migrate_on_start: bool = True
+    log_level: str = "INFO"
+
+    @property
+    def truth_freshness_seconds(self) -> float:
+        """Freshness window for heartbeat times read from Postgres.
+
+        Postgres learns heartbeat times only at each flush, so a mitra that is fresh in
+        Valkey may look up to one flush interval older there.
+        """
+        return self.heartbeat_stale_seconds + self.heartbeat_mirror_interval_seconds
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build and validate settings; raises SettingsError naming the first bad one."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            name = field.name.upper()
+            raw = env.get(name)
+            if raw is None or raw == "":
+                if field.default is MISSING:
+                    raise SettingsError(f"{name} is required")
+                continue
+            values[field.name] = _parse(name, raw, _PARSERS.get(field.name, str))
+        settings = cls(**values)
+        settings._validate()
+        return settings
+
+    def _validate(self) -> None:
+        for name in (
+            "heartbeat_stale_seconds",
+            "mitra_auto_offline_sweep_seconds",
+            "heartbeat_mirror_interval_seconds",
+            "valkey_online_mirror_sweep_seconds",
+            "beacon_ttl_seconds",
+            "database_timeout_seconds",
+            "valkey_timeout_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
+        for name in ("default_max_concurrent_sessions", "database_pool_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if not self.database_url.startswith(("postgres://", "postgresql://")):
+            raise SettingsError("DATABASE_URL must be a postgresql:// URL")
+        if not self.valkey_url.startswith(("redis://", "valkey://", "rediss://", "valkeys://")):
+            raise SettingsError("VALKEY_URL must be a redis:// or valkey:// URL")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.valkey_key_prefix):
+            raise SettingsError(
+                "VALKEY_KEY_PREFIX must be 1-64 characters of letters, digits, '_', '.', ':' or '-'"
+            )
+        host = _split_address(self.grpc_address)
+        if not _is_loopback(host) and not self.allow_insecure_network:
+            raise SettingsError(
+                f"GRPC_ADDRESS {self.grpc_address} is beyond loopback; "
+                "set ALLOW_INSECURE_NETWORK=true to serve it without authentication"
+            )
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise SettingsError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+
+
+def _parse(name: str, raw: str, parser: Callable[[str], T]) -> T:
+    try:
+        return parser(raw.strip())
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _float(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {raw!r}") from None
+
+
+def _int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {raw!r}") from None
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "heartbeat_stale_seconds": _float,
+    "mitra_auto_offline_sweep_seconds": _float,
+    "heartbeat_mirror_interval_seconds": _float,
+    "valkey_online_mirror_sweep_seconds": _float,
+    "beacon_ttl_seconds": _float,
+    "database_timeout_seconds": _float,
+    "valkey_timeout_seconds": _float,
+    "valkey_cluster": _bool,
+    "allow_insecure_network": _bool,
+    "migrate_on_start": _bool,
+    "default_max_concurrent_sessions": _int,
+    "database_pool_size": _int,
+}
+
+
+def _split_address(address: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise SettingsError(f"GRPC_ADDRESS must be host:port, got {address!r}")
+    return host.strip("[]")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

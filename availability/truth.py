@@ -1,0 +1,430 @@
+"""Postgres, the source of truth. Every SQL statement of the service lives here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from importlib import resources
+from uuid import UUID
+
+import asyncpg
+
+from .errors import HeartbeatRefused, MitraDeactivated, MitraNotFound, TruthUnavailable
+from .model import AvailabilityCount, AvailableMitra, MitraState, Source
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHANGE_CHANNEL = "availability_mitra_changed"
+_MIGRATION_LOCK = 0x6D69747261  # "mitra": one advisory lock id for every instance
+
+_LOAD = "c.status IN ('active', 'pending_payment')"
+
+_STATE_COLUMNS = f"""
+    m.id, coalesce(m.display_name, '') AS display_name, m.is_active,
+    m.max_concurrent_sessions, coalesce(s.is_online, false) AS is_online,
+    s.last_heartbeat_at, coalesce(s.version, 0) AS version,
+    (SELECT count(*) FROM chat_sessions c WHERE c.mitra_id = m.id AND {_LOAD})::int AS load
+"""
+
+_STATES_BY_ID = f"""
+SELECT {_STATE_COLUMNS}
+FROM mitras m LEFT JOIN mitra_online_status s ON s.mitra_id = m.id
+WHERE m.id = ANY($1::uuid[])
+"""
+
+_ALL_STATES = """
+SELECT m.id, coalesce(m.display_name, '') AS display_name, m.is_active,
+       m.max_concurrent_sessions, coalesce(s.is_online, false) AS is_online,
+       s.last_heartbeat_at, coalesce(s.version, 0) AS version,
+       coalesce(l.load, 0)::int AS load
+FROM mitras m
+LEFT JOIN mitra_online_status s ON s.mitra_id = m.id
+LEFT JOIN (
+    SELECT mitra_id, count(*) AS load FROM chat_sessions
+    WHERE status IN ('active', 'pending_payment') AND mitra_id IS NOT NULL
+    GROUP BY mitra_id
+) l ON l.mitra_id = m.id
+"""
+
+_SET_ONLINE = """
+WITH m AS (SELECT id, is_active FROM mitras WHERE id = $1 FOR UPDATE),
+up AS (
+    INSERT INTO mitra_online_status AS s
+        (mitra_id, is_online, last_heartbeat_at, updated_at, version)
+    SELECT id, true, now(), now(), 1 FROM m WHERE is_active
+    ON CONFLICT (mitra_id) DO UPDATE
+        SET is_online = true, last_heartbeat_at = now(), updated_at = now(),
+            version = s.version + 1
+    RETURNING 1
+)
+SELECT m.is_active, (SELECT count(*) FROM up) AS written FROM m
+"""
+
+_UPSERT_STATUS = """
+INSERT INTO mitra_online_status AS s (mitra_id, is_online, updated_at, version)
+VALUES ($1, false, now(), 1)
+ON CONFLICT (mitra_id) DO UPDATE
+    SET is_online = s.is_online AND $2, updated_at = now(), version = s.version + 1
+"""
+
+_REVOKE_AUTH_SESSIONS = """
+UPDATE auth_sessions SET revoked_at = now()
+WHERE mitra_id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())
+"""
+
+_RECORD_HEARTBEAT = """
+WITH m AS (SELECT id, is_active FROM mitras WHERE id = $1),
+hb AS (
+    UPDATE mitra_online_status s SET last_heartbeat_at = now()
+    FROM m WHERE s.mitra_id = m.id AND m.is_active AND s.is_online
+    RETURNING 1
+)
+SELECT m.is_active, EXISTS (SELECT 1 FROM hb) AS online FROM m
+"""
+
+_AVAILABLE_FROM = f"""
+FROM mitra_online_status s
+JOIN mitras m ON m.id = s.mitra_id
+CROSS JOIN LATERAL (
+    SELECT count(*)::int AS load FROM chat_sessions c WHERE c.mitra_id = m.id AND {_LOAD}
+) l
+WHERE s.is_online
+"""
+
+_IS_AVAILABLE = """
+m.is_active AND s.last_heartbeat_at >= now() - make_interval(secs => $1)
+AND l.load < m.max_concurrent_sessions
+"""
+
+_FIND_AVAILABLE = f"""
+SELECT m.id, coalesce(m.display_name, '') AS display_name, l.load, m.max_concurrent_sessions
+{_AVAILABLE_FROM} AND {_IS_AVAILABLE} AND m.id <> ALL($2::uuid[])
+ORDER BY l.load, m.id
+LIMIT $3
+"""
+
+_COUNT_AVAILABLE = f"""
+SELECT count(*) FILTER (WHERE {_IS_AVAILABLE})::int AS available,
+       count(*)::int AS online, now() AS as_of
+{_AVAILABLE_FROM}
+"""
+
+_NOW = "SELECT now()"
+
+_DEMO_BATCH = """
+WITH new AS (
+    INSERT INTO mitras (display_name, is_active, max_concurrent_sessions)
+    SELECT ($1::text[])[1 + floor(random() * cardinality($1::text[]))::int] || ' '
+           || ($2::text[])[1 + floor(random() * cardinality($2::text[]))::int],
+           random() >= 0.03, 2 + floor(random() * 3)::int
+    FROM generate_series(1, $3)
+    RETURNING id, is_active, max_concurrent_sessions
+),
+status AS (
+    INSERT INTO mitra_online_status (mitra_id, is_online, last_heartbeat_at, updated_at, version)
+    SELECT id, is_active AND random() < $4, now() - random() * interval '20 seconds', now(), 1
+    FROM new
+    RETURNING mitra_id, is_online
+),
+live AS (
+    INSERT INTO chat_sessions (mitra_id, customer_id, status, topic_sensitivity)
+    SELECT s.mitra_id, gen_random_uuid(),
+           (ARRAY['active', 'active', 'active', 'pending_payment'])[1 + floor(random() * 4)::int],
+           CASE WHEN random() < 0.2 THEN 'sensitive' ELSE 'normal' END
+    FROM status s JOIN new n ON n.id = s.mitra_id
+    CROSS JOIN LATERAL generate_series(1, floor(random() * (n.max_concurrent_sessions + 1))::int) g
+    WHERE s.is_online
+    RETURNING 1
+)
+INSERT INTO chat_sessions (mitra_id, customer_id, status, topic_sensitivity, created_at)
+SELECT n.id, gen_random_uuid(),
+       (ARRAY['ended', 'ended', 'ended', 'expired', 'cancelled'])[1 + floor(random() * 5)::int],
+       CASE WHEN random() < 0.2 THEN 'sensitive' ELSE 'normal' END,
+       now() - random() * interval '60 days'
+FROM new n CROSS JOIN LATERAL generate_series(1, 3) g
+"""
+
+_DEMO_SEARCHING = """
+INSERT INTO chat_sessions (customer_id, status, topic_sensitivity)
+SELECT gen_random_uuid(), (ARRAY['searching', 'pending_acceptance'])[1 + floor(random() * 2)::int],
+       CASE WHEN random() < 0.2 THEN 'sensitive' ELSE 'normal' END
+FROM generate_series(1, $1)
+"""
+
+_FIRST_NAMES = [
+    "Ayu",
+    "Budi",
+    "Citra",
+    "Dewi",
+    "Eka",
+    "Fajar",
+    "Gita",
+    "Hana",
+    "Indra",
+    "Joko",
+    "Kartika",
+    "Lestari",
+    "Maya",
+    "Nadia",
+    "Putri",
+    "Rani",
+    "Sari",
+    "Tono",
+    "Wulan",
+    "Yudi",
+]
+_LAST_NAMES = [
+    "Pratama",
+    "Wijaya",
+    "Santoso",
+    "Lestari",
+    "Saputra",
+    "Hidayat",
+    "Kusuma",
+    "Nugroho",
+    "Permata",
+    "Rahmawati",
+    "Setiawan",
+    "Utami",
+    "Wibowo",
+    "Yulianti",
+    "Halim",
+    "Siregar",
+]
+
+_Connectionish = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+# Errors that mean "the database is not there", as opposed to "the statement is wrong".
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+def _state(row: asyncpg.Record) -> MitraState:
+    return MitraState(
+        mitra_id=row["id"],
+        display_name=row["display_name"],
+        active=row["is_active"],
+        max_concurrent_sessions=row["max_concurrent_sessions"],
+        online=row["is_online"],
+        last_heartbeat_at=row["last_heartbeat_at"],
+        version=row["version"],
+        load=row["load"],
+    )
+
+
+class Truth:
+    """The Postgres store: contract tables, migrations, and the queries over them."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._settings = settings
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> Truth:
+        try:
+            pool = await asyncpg.create_pool(
+                settings.database_url,
+                min_size=1,
+                max_size=settings.database_pool_size,
+                command_timeout=settings.database_timeout_seconds,
+                timeout=settings.database_timeout_seconds,
+            )
+        except _UNREACHABLE as exc:
+            raise TruthUnavailable(exc) from exc
+        return cls(pool, settings)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[_Connectionish]:
+        try:
+            async with self._pool.acquire(timeout=self._settings.database_timeout_seconds) as conn:
+                yield conn
+        except _UNREACHABLE as exc:
+            raise TruthUnavailable(exc) from exc
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations in order; returns the names applied.
+
+        An advisory lock serialises instances that start together, and each file is
+        recorded in schema_migrations in the same transaction that applies it.
+        """
+        applied: list[str] = []
+        async with self._connection() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+                for name, sql in _migrations():
+                    if name in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+                    applied.append(name)
+                default = int(self._settings.default_max_concurrent_sessions)
+                await conn.execute(
+                    f"ALTER TABLE mitras ALTER COLUMN max_concurrent_sessions SET DEFAULT {default}"
+                )
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+        return applied
+
+    async def states(self, mitra_ids: Sequence[UUID]) -> list[MitraState]:
+        async with self._connection() as conn:
+            return [_state(r) for r in await conn.fetch(_STATES_BY_ID, list(mitra_ids))]
+
+    async def state(self, mitra_id: UUID) -> tuple[MitraState, datetime]:
+        """One mitra's state and the database's clock, for answers built from the truth."""
+        async with self._connection() as conn, conn.transaction(readonly=True):
+            rows = await conn.fetch(_STATES_BY_ID, [mitra_id])
+            now = await conn.fetchval(_NOW)
+        if not rows:
+            raise MitraNotFound(mitra_id)
+        return _state(rows[0]), now
+
+    async def all_states(self, batch: int = 5000) -> AsyncIterator[list[MitraState]]:
+        """Every mitra's state in batches, from one consistent snapshot."""
+        async with (
+            self._connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            cursor = await conn.cursor(_ALL_STATES)
+            while rows := await cursor.fetch(batch):
+                yield [_state(r) for r in rows]
+
+    async def set_online(self, mitra_id: UUID) -> tuple[MitraState, datetime]:
+        """Online, and counted as a heartbeat; the mitras row lock orders it with deactivation."""
+
+        async def change(conn: _Connectionish) -> None:
+            row = await conn.fetchrow(_SET_ONLINE, mitra_id)
+            if row is None:
+                raise MitraNotFound(mitra_id)
+            if not row["is_active"]:
+                raise MitraDeactivated(mitra_id)
+
+        return await self._write(mitra_id, change)
+
+    async def set_offline(self, mitra_id: UUID) -> tuple[MitraState, datetime]:
+        async def change(conn: _Connectionish) -> None:
+            if not await conn.fetchval("SELECT true FROM mitras WHERE id = $1", mitra_id):
+                raise MitraNotFound(mitra_id)
+            await conn.execute(_UPSERT_STATUS, mitra_id, False)
+
+        return await self._write(mitra_id, change)
+
+    async def set_active(self, mitra_id: UUID, active: bool) -> tuple[MitraState, datetime, int]:
+        revoked = 0
+
+        async def change(conn: _Connectionish) -> None:
+            nonlocal revoked
+            found = await conn.fetchval(
+                "UPDATE mitras SET is_active = $2 WHERE id = $1 RETURNING true", mitra_id, active
+            )
+            if not found:
+                raise MitraNotFound(mitra_id)
+            if not active:
+                revoked = _row_count(await conn.execute(_REVOKE_AUTH_SESSIONS, mitra_id))
+            await conn.execute(_UPSERT_STATUS, mitra_id, active)
+
+        state, now = await self._write(mitra_id, change)
+        return state, now, revoked
+
+    async def record_heartbeat(self, mitra_id: UUID) -> bool:
+        """The heartbeat when Valkey cannot take it: guard and record in one statement."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_RECORD_HEARTBEAT, mitra_id)
+        if row is None:
+            raise MitraNotFound(mitra_id)
+        if not row["is_active"]:
+            raise HeartbeatRefused(mitra_id)
+        return bool(row["online"])
+
+    async def find_available(self, limit: int, exclude: Sequence[UUID]) -> list[AvailableMitra]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                _FIND_AVAILABLE, self._settings.truth_freshness_seconds, list(exclude), limit
+            )
+        return [
+            AvailableMitra(r["id"], r["display_name"], r["load"], r["max_concurrent_sessions"])
+            for r in rows
+        ]
+
+    async def count_available(self) -> AvailabilityCount:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_COUNT_AVAILABLE, self._settings.truth_freshness_seconds)
+        assert row is not None
+        return AvailabilityCount(row["available"], row["online"], row["as_of"], Source.DATABASE)
+
+    async def mitra_count(self) -> int:
+        async with self._connection() as conn:
+            return int(await conn.fetchval("SELECT count(*) FROM mitras"))
+
+    async def insert_demo_fleet(
+        self, mitras: int, online_share: float, progress: Callable[[int], None], batch: int = 2000
+    ) -> None:
+        """A realistic fleet: names, capacities, some deactivated, live and past sessions."""
+        done = 0
+        async with self._connection() as conn:
+            while done < mitras:
+                size = min(batch, mitras - done)
+                async with conn.transaction():
+                    await conn.execute(_DEMO_BATCH, _FIRST_NAMES, _LAST_NAMES, size, online_share)
+                    await conn.execute(_DEMO_SEARCHING, max(1, size // 50))
+                done += size
+                progress(done)
+
+    @asynccontextmanager
+    async def listen(
+        self, channel: str, callback: Callable[[str], None]
+    ) -> AsyncIterator[_Connectionish]:
+        """A dedicated connection LISTENing on channel; yields it so the caller can watch it."""
+        try:
+            conn = await asyncpg.connect(
+                self._settings.database_url, timeout=self._settings.database_timeout_seconds
+            )
+        except _UNREACHABLE as exc:
+            raise TruthUnavailable(exc) from exc
+        try:
+            await conn.add_listener(channel, lambda *args: callback(args[3]))
+            yield conn
+        finally:
+            conn.terminate()
+
+    async def _write(
+        self, mitra_id: UUID, change: Callable[[_Connectionish], Awaitable[None]]
+    ) -> tuple[MitraState, datetime]:
+        async with self._connection() as conn, conn.transaction():
+            await change(conn)
+            rows = await conn.fetch(_STATES_BY_ID, [mitra_id])
+            now = await conn.fetchval(_NOW)
+        if not rows:
+            raise MitraNotFound(mitra_id)
+        return _state(rows[0]), now
+
+
+def _row_count(status: str) -> int:
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _migrations() -> list[tuple[str, str]]:
+    folder = resources.files("availability") / "migrations"
+    files = sorted((f.name, f) for f in folder.iterdir() if f.name.endswith(".sql"))
+    return [(name, f.read_text(encoding="utf-8")) for name, f in files]
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether exc means Postgres is not there (for callers holding raw asyncpg errors)."""
+    return isinstance(exc, _UNREACHABLE)

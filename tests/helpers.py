@@ -1,0 +1,111 @@
+"""Arranging the truth directly in SQL, as the other backends do."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import TypeVar
+from uuid import UUID
+
+import asyncpg
+
+T = TypeVar("T")
+
+
+class Fleet:
+    def __init__(self, db: asyncpg.Connection) -> None:
+        self.db = db
+
+    async def mitra(
+        self,
+        name: str = "Ayu Lestari",
+        *,
+        active: bool = True,
+        capacity: int = 3,
+        online: bool = False,
+        heartbeat_age: float = 0.0,
+    ) -> UUID:
+        mitra_id: UUID = await self.db.fetchval(
+            "INSERT INTO mitras (display_name, is_active, max_concurrent_sessions)"
+            " VALUES ($1, $2, $3) RETURNING id",
+            name,
+            active,
+            capacity,
+        )
+        if online:
+            await self.db.execute(
+                "INSERT INTO mitra_online_status (mitra_id, is_online, last_heartbeat_at)"
+                " VALUES ($1, true, now() - make_interval(secs => $2))",
+                mitra_id,
+                heartbeat_age,
+            )
+        return mitra_id
+
+    async def session(
+        self,
+        mitra_id: UUID | None,
+        status: str = "active",
+        *,
+        sensitivity: str = "normal",
+        created_at: datetime | None = None,
+    ) -> UUID:
+        session_id: UUID = await self.db.fetchval(
+            "INSERT INTO chat_sessions (mitra_id, customer_id, status, topic_sensitivity, created_at)"
+            " VALUES ($1, gen_random_uuid(), $2, $3, coalesce($4, now())) RETURNING id",
+            mitra_id,
+            status,
+            sensitivity,
+            created_at,
+        )
+        return session_id
+
+    async def move_session(
+        self, session_id: UUID, status: str, mitra_id: UUID | None = None
+    ) -> None:
+        await self.db.execute(
+            "UPDATE chat_sessions SET status = $2, mitra_id = coalesce($3, mitra_id) WHERE id = $1",
+            session_id,
+            status,
+            mitra_id,
+        )
+
+    async def auth_session(
+        self, mitra_id: UUID, *, expires_in: timedelta = timedelta(hours=1), revoked: bool = False
+    ) -> UUID:
+        auth_id: UUID = await self.db.fetchval(
+            "INSERT INTO auth_sessions (mitra_id, expires_at, revoked_at)"
+            " VALUES ($1, now() + $2, CASE WHEN $3 THEN now() END) RETURNING id",
+            mitra_id,
+            expires_in,
+            revoked,
+        )
+        return auth_id
+
+    async def online_row(self, mitra_id: UUID) -> asyncpg.Record | None:
+        return await self.db.fetchrow(
+            "SELECT * FROM mitra_online_status WHERE mitra_id = $1", mitra_id
+        )
+
+    async def load(self, mitra_id: UUID) -> int:
+        return int(
+            await self.db.fetchval(
+                "SELECT count(*) FROM chat_sessions WHERE mitra_id = $1"
+                " AND status IN ('active', 'pending_payment')",
+                mitra_id,
+            )
+        )
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]], *, timeout: float = 5.0, interval: float = 0.02
+) -> T:
+    """Poll check until it returns a truthy value; fail with its last value otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value or time.monotonic() > deadline:
+            assert value, f"condition not met within {timeout}s (last value {value!r})"
+            return value
+        await asyncio.sleep(interval)
