@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "dev":
         from .dev import run_dev
 
-        return run_dev(args.data_dir, args.demo_mitras)
+        return run_dev(str(args.data_dir), int(args.demo_mitras))
     settings = _settings()
     configure_logging(settings)
     if args.command == "serve":

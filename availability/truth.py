@@ -372,6 +372,13 @@ class Truth:
         async with self._connection() as conn:
             return int(await conn.fetchval("SELECT count(*) FROM mitras"))
 
+    async def sample_online_mitra(self) -> str | None:
+        async with self._connection() as conn:
+            found = await conn.fetchval(
+                "SELECT mitra_id FROM mitra_online_status WHERE is_online LIMIT 1"
+            )
+        return None if found is None else str(found)
+
     async def insert_demo_fleet(
         self, mitras: int, online_share: float, progress: Callable[[int], None], batch: int = 2000
     ) -> None:

@@ -131,9 +131,7 @@ def settings(database_url: str, shared_valkey_url: str) -> Settings:
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A direct connection for arranging and checking the truth; tables start empty."""
     conn = await asyncpg.connect(database_url)
-    await conn.execute(
-        "TRUNCATE mitras, mitra_online_status, chat_sessions, auth_sessions CASCADE"
-    )
+    await conn.execute("TRUNCATE mitras, mitra_online_status, chat_sessions, auth_sessions CASCADE")
     try:
         yield conn
     finally:

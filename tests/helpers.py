@@ -52,7 +52,8 @@ class Fleet:
         created_at: datetime | None = None,
     ) -> UUID:
         session_id: UUID = await self.db.fetchval(
-            "INSERT INTO chat_sessions (mitra_id, customer_id, status, topic_sensitivity, created_at)"
+            "INSERT INTO chat_sessions"
+            " (mitra_id, customer_id, status, topic_sensitivity, created_at)"
             " VALUES ($1, gen_random_uuid(), $2, $3, coalesce($4, now())) RETURNING id",
             mitra_id,
             status,

@@ -114,7 +114,9 @@ async def test_heartbeat_tells_an_offline_mitra_it_is_offline(stub: Stub, fleet:
     assert not reply.online
 
 
-async def test_heartbeat_of_deactivated_mitra_is_permission_denied(stub: Stub, fleet: Fleet) -> None:
+async def test_heartbeat_of_deactivated_mitra_is_permission_denied(
+    stub: Stub, fleet: Fleet
+) -> None:
     mitra = await fleet.mitra()
     await stub.SetMitraActive(pb.SetMitraActiveRequest(mitra_id=str(mitra), active=False))
     code = await code_of(stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(mitra))))
@@ -205,8 +207,7 @@ async def test_deactivation_revokes_auth_sessions_and_takes_offline(
     assert reply.revoked_auth_sessions == 2
     assert not reply.status.active and not reply.status.online and not reply.status.available
     revoked = {
-        r["id"]
-        for r in await db.fetch("SELECT id FROM auth_sessions WHERE revoked_at IS NOT NULL")
+        r["id"] for r in await db.fetch("SELECT id FROM auth_sessions WHERE revoked_at IS NOT NULL")
     }
     assert revoked == {*valid, already}
     assert expired not in revoked and others not in revoked

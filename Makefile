@@ -1,0 +1,51 @@
+# Two commands set everything up on a fresh machine with Python 3.11 and make:
+#   make run    venv + install, local Postgres/Valkey if DATABASE_URL/VALKEY_URL are unset, serve
+#   make test   lint, proto check and the whole suite against real Postgres and Valkey
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_OUT := availability/v1
+PROTOS := $(wildcard protos/availability/v1/*.proto)
+
+.PHONY: run test lint protos check-protos install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/availability dev
+
+# Regenerate the committed Python code and typed stubs from protos/.
+protos: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iprotos \
+		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+
+# Fails when protos/ and the committed generated code disagree.
+check-protos: $(STAMP)
+	@rm -rf build/protos-check && mkdir -p build/protos-check
+	@PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iprotos \
+		--python_out=build/protos-check --grpc_python_out=build/protos-check \
+		--mypy_out=build/protos-check --mypy_grpc_out=build/protos-check $(PROTOS)
+	@for f in build/protos-check/$(PROTO_OUT)/*; do \
+		diff -q $$f $(PROTO_OUT)/$$(basename $$f) >/dev/null || \
+		{ echo "$(PROTO_OUT)/$$(basename $$f) is out of date: run make protos"; exit 1; }; \
+	done
+	@echo "generated code matches protos/"
+
+lint: $(STAMP)
+	$(BIN)/buf lint
+	$(BIN)/ruff check availability tests
+	$(BIN)/ruff format --check availability tests
+	$(BIN)/mypy availability
+
+test: lint check-protos
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build .data

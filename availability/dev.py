@@ -1,0 +1,98 @@
+"""`availability dev` (what `make run` runs): serve on a laptop with no setup.
+
+Starts a local Postgres and Valkey under the data folder when DATABASE_URL / VALKEY_URL are
+unset, migrates, loads a small demo fleet the first time, serves, and stops what it
+started on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import asyncpg
+
+from .local_stores import start_postgres, start_valkey
+from .logs import configure_logging
+from .settings import Settings, SettingsError
+
+_DATABASE = "availability"
+
+
+async def _ensure_database(admin_dsn: str) -> str:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", _DATABASE):
+            await conn.execute(f'CREATE DATABASE "{_DATABASE}"')
+    finally:
+        await conn.close()
+    return admin_dsn.rpartition("/")[0] + f"/{_DATABASE}"
+
+
+async def _prepare(settings: Settings, demo_mitras: int) -> str | None:
+    """Migrate, load the demo fleet once; returns one online mitra id to try."""
+    from .truth import Truth
+
+    truth = await Truth.connect(settings)
+    try:
+        await truth.migrate()
+        if demo_mitras and await truth.mitra_count() == 0:
+            print(f"loading a demo fleet of {demo_mitras} mitras", file=sys.stderr)
+            await truth.insert_demo_fleet(demo_mitras, 0.6, lambda done: None)
+        return await truth.sample_online_mitra()
+    finally:
+        await truth.close()
+
+
+def _grpcurl() -> str:
+    local = Path(sys.executable).parent / "grpcurl"
+    return str(local) if local.exists() else (shutil.which("grpcurl") or "grpcurl")
+
+
+def run_dev(data_dir: str, demo_mitras: int) -> int:
+    from .server import serve
+
+    env = dict(os.environ)
+    folder = Path(data_dir).resolve()
+    with ExitStack() as stores:
+        if not env.get("DATABASE_URL"):
+            postgres = start_postgres(folder / "postgres")
+            stores.callback(postgres.stop)
+            env["DATABASE_URL"] = asyncio.run(_ensure_database(postgres.dsn))
+            print(f"started Postgres at {env['DATABASE_URL']}", file=sys.stderr)
+        if not env.get("VALKEY_URL"):
+            valkey = start_valkey(folder / "valkey")
+            stores.callback(valkey.stop)
+            env["VALKEY_URL"] = valkey.url
+            print(f"started Valkey at {valkey.url}", file=sys.stderr)
+        try:
+            settings = Settings.from_env(env)
+        except SettingsError as exc:
+            print(f"availability: bad setting: {exc}", file=sys.stderr)
+            return 2
+        configure_logging(settings)
+        sample = asyncio.run(_prepare(settings, demo_mitras))
+        address = settings.grpc_address
+        print(
+            "\nTry it:\n"
+            f"  {_grpcurl()} -plaintext {address} list\n"
+            f"  {_grpcurl()} -plaintext -d '{{}}' {address} "
+            "availability.v1.AvailabilityService/CountAvailableMitras\n"
+            + (
+                f"  {_grpcurl()} -plaintext -d '{{\"mitra_id\": \"{sample}\"}}' {address} "
+                "availability.v1.AvailabilityService/GetMitraStatus\n"
+                if sample
+                else ""
+            )
+            + "Ctrl-C stops the server and the local stores.\n",
+            file=sys.stderr,
+        )
+        try:
+            asyncio.run(serve(settings))
+        except KeyboardInterrupt:
+            pass
+    return 0

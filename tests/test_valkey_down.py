@@ -1,0 +1,121 @@
+"""Valkey stopped: reads answer from Postgres (source = database), writes succeed, the
+heartbeat guard falls back to Postgres and records there."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import grpc
+import pytest
+from availability.local_stores import LocalValkey
+
+from availability.server import Server
+from availability.v1 import availability_pb2 as pb
+from availability.v1 import availability_pb2_grpc as pb_grpc
+
+from .helpers import Fleet
+
+Stub = pb_grpc.AvailabilityServiceStub
+
+
+@pytest.fixture
+async def down_stub(server_on_own_valkey: Server, own_valkey: LocalValkey) -> AsyncIterator[Stub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_on_own_valkey.port}") as channel:
+        yield pb_grpc.AvailabilityServiceStub(channel)
+
+
+async def test_reads_fall_back_to_postgres_with_source_database(
+    down_stub: Stub, fleet: Fleet, own_valkey: LocalValkey, server_on_own_valkey: Server
+) -> None:
+    idle = await fleet.mitra("Idle", capacity=2)
+    busy = await fleet.mitra("Busy", capacity=2)
+    full = await fleet.mitra("Full", capacity=1)
+    stale = await fleet.mitra("Stale", online=True, heartbeat_age=10_000)
+    for mitra in (idle, busy, full):
+        await down_stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    await fleet.session(busy)
+    await fleet.session(full)
+    own_valkey.stop()
+
+    status = await down_stub.GetMitraStatus(pb.GetMitraStatusRequest(mitra_id=str(busy)))
+    reachable = await down_stub.IsMitraReachable(pb.IsMitraReachableRequest(mitra_id=str(stale)))
+    found = await down_stub.FindAvailableMitras(pb.FindAvailableMitrasRequest(limit=10))
+    count = await down_stub.CountAvailableMitras(pb.CountAvailableMitrasRequest())
+
+    assert status.status.source == pb.SOURCE_DATABASE
+    assert status.status.load == 1 and status.status.available and status.status.fresh
+    assert reachable.source == pb.SOURCE_DATABASE and not reachable.reachable
+    assert found.source == pb.SOURCE_DATABASE
+    assert [m.mitra_id for m in found.mitras] == [str(idle), str(busy)]
+    assert [m.load for m in found.mitras] == [0, 1]
+    assert count.source == pb.SOURCE_DATABASE
+    assert (count.available_count, count.online_count) == (2, 4)
+    assert server_on_own_valkey.availability is not None
+    assert server_on_own_valkey.availability.counters.fallbacks["find_available"] == 1
+
+
+async def test_writes_succeed_and_land_in_postgres(
+    down_stub: Stub, fleet: Fleet, own_valkey: LocalValkey, server_on_own_valkey: Server
+) -> None:
+    mitra = await fleet.mitra()
+    own_valkey.stop()
+
+    online = await down_stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    assert online.status.online
+    assert (await fleet.online_row(mitra))["is_online"]  # type: ignore[index]
+    deactivated = await down_stub.SetMitraActive(
+        pb.SetMitraActiveRequest(mitra_id=str(mitra), active=False)
+    )
+    assert not deactivated.status.active and not deactivated.status.online
+    offline = await down_stub.SetOffline(pb.SetOfflineRequest(mitra_id=str(mitra)))
+    assert not offline.status.online
+    assert server_on_own_valkey.availability is not None
+    errors = server_on_own_valkey.availability.counters.mirror_write_errors
+    assert errors["set_online"] == 1 and errors["set_active"] == 1
+
+
+async def test_heartbeat_guard_falls_back_to_postgres(
+    down_stub: Stub, fleet: Fleet, own_valkey: LocalValkey, db: asyncpg.Connection
+) -> None:
+    active = await fleet.mitra()
+    deactivated = await fleet.mitra()
+    for mitra in (active, deactivated):
+        await down_stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    await down_stub.SetMitraActive(
+        pb.SetMitraActiveRequest(mitra_id=str(deactivated), active=False)
+    )
+    await db.execute("UPDATE mitra_online_status SET last_heartbeat_at = now() - interval '1 hour'")
+    own_valkey.stop()
+
+    reply = await down_stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(active)))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await down_stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(deactivated)))
+
+    assert reply.online
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    age = await db.fetchval(
+        "SELECT extract(epoch FROM now() - last_heartbeat_at) FROM mitra_online_status"
+        " WHERE mitra_id = $1",
+        active,
+    )
+    assert age < 60, "the heartbeat was recorded in Postgres"
+
+
+async def test_postgres_fallback_freshness_allows_for_the_flush_lag(
+    down_stub: Stub, fleet: Fleet, own_valkey: LocalValkey, server_on_own_valkey: Server
+) -> None:
+    settings = server_on_own_valkey.settings
+    lagging = await fleet.mitra(
+        "Lagging", online=True, heartbeat_age=settings.heartbeat_stale_seconds + 10
+    )
+    gone = await fleet.mitra(
+        "Gone", online=True, heartbeat_age=settings.truth_freshness_seconds + 10
+    )
+    own_valkey.stop()
+
+    lagging_status = await down_stub.GetMitraStatus(pb.GetMitraStatusRequest(mitra_id=str(lagging)))
+    gone_status = await down_stub.GetMitraStatus(pb.GetMitraStatusRequest(mitra_id=str(gone)))
+
+    assert lagging_status.status.fresh, "Postgres lags Valkey by up to one flush interval"
+    assert not gone_status.status.fresh
