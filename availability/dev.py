@@ -11,7 +11,7 @@ import asyncio
 import os
 import shutil
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 import asyncpg
@@ -83,7 +83,7 @@ def run_dev(data_dir: str, demo_mitras: int) -> int:
             f"  {_grpcurl()} -plaintext -d '{{}}' {address} "
             "availability.v1.AvailabilityService/CountAvailableMitras\n"
             + (
-                f"  {_grpcurl()} -plaintext -d '{{\"mitra_id\": \"{sample}\"}}' {address} "
+                f'  {_grpcurl()} -plaintext -d \'{{"mitra_id": "{sample}"}}\' {address} '
                 "availability.v1.AvailabilityService/GetMitraStatus\n"
                 if sample
                 else ""
@@ -91,8 +91,6 @@ def run_dev(data_dir: str, demo_mitras: int) -> int:
             + "Ctrl-C stops the server and the local stores.\n",
             file=sys.stderr,
         )
-        try:
+        with suppress(KeyboardInterrupt):
             asyncio.run(serve(settings))
-        except KeyboardInterrupt:
-            pass
     return 0

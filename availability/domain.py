@@ -6,13 +6,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 from uuid import UUID
 
 from .errors import HeartbeatRefused, MitraNotFound
 from .mirror import MIRROR_ERRORS, HeartbeatOutcome, Mirror
-from .model import AvailabilityCount, AvailableMitra, MitraState, MitraStatus, Source
+from .model import (
+    AvailabilityCount,
+    AvailableMitra,
+    Drift,
+    MitraState,
+    MitraStatus,
+    Source,
+)
 from .settings import Settings
 from .truth import Truth
 
@@ -110,6 +117,9 @@ class Availability:
             return await self.truth.record_heartbeat(mitra_id)
         if outcome is HeartbeatOutcome.DEACTIVATED:
             raise HeartbeatRefused(mitra_id)
+        if outcome is HeartbeatOutcome.UNSEEDED:
+            Counters.bump(self.counters.fallbacks, "heartbeat")
+            return await self.truth.record_heartbeat(mitra_id)
         if outcome is HeartbeatOutcome.UNKNOWN:
             Counters.bump(self.counters.fallbacks, "heartbeat")
             online = await self.truth.record_heartbeat(mitra_id)
@@ -152,10 +162,26 @@ class Availability:
             raise MitraNotFound(missing[0])
         return [(m, states[m].load) for m in mitra_ids]
 
-    async def seed(self) -> int:
-        """Mirror every mitra from the truth; returns how many."""
+    async def reconcile(self) -> tuple[int, Drift]:
+        """Rebuild the mirror from the truth in place; returns (mitras, drift healed).
+
+        Every mitra is rewritten through the same fenced script as any write, batch by
+        batch, so readers never see an emptied or half-built set and a write that lands
+        meanwhile is not undone. Members the truth does not have are dropped last. Only a
+        complete pass marks the mirror seeded (readers of an unseeded mirror use Postgres).
+        """
         count = 0
+        drift = Drift()
+        known: set[str] = set()
+        snapshot: datetime | None = None
         async for batch in self.truth.all_states():
-            await self.mirror.apply(batch)
+            drift += await self.mirror.apply(batch)
+            known.update(str(s.mitra_id) for s in batch)
+            snapshot = snapshot or batch[0].read_at
             count += len(batch)
-        return count
+        extra = sorted((await self.mirror.mitra_ids()) - known)
+        if extra:
+            forgotten = await self.mirror.forget(extra, snapshot or datetime.now(UTC))
+            drift += Drift(forgotten=forgotten)
+        await self.mirror.mark_seeded()
+        return count, drift

@@ -44,7 +44,7 @@ class ChangeListener:
             try:
                 async with self._availability.truth.listen(CHANGE_CHANNEL, self._notified) as conn:
                     if not first:
-                        await self._availability.seed()
+                        await self._availability.reconcile()
                         log.info("change listener reconnected; mirror reseeded")
                     first = False
                     failures = 0

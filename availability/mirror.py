@@ -8,7 +8,7 @@ or test runs can share one Valkey under different prefixes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -16,11 +16,12 @@ from typing import Any
 from uuid import UUID
 
 import redis.asyncio as redis
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .model import AvailabilityCount, AvailableMitra, MitraState, MitraStatus, Source
+from .model import AvailabilityCount, AvailableMitra, Drift, MitraState, MitraStatus, Source
 from .settings import Settings
 
 _APPLY_BATCH = 1000
@@ -46,6 +47,9 @@ class Keys:
     versions: str
     dirty: str
     beacon: str
+    synced: str
+    seeded: str
+    prefix: str
 
     @classmethod
     def for_prefix(cls, prefix: str) -> Keys:
@@ -61,7 +65,13 @@ class Keys:
             versions=f"{tag}:versions",
             dirty=f"{tag}:heartbeats:dirty",
             beacon=f"{tag}:beacon",
+            synced=f"{tag}:synced",
+            seeded=f"{tag}:seeded",
+            prefix=tag,
         )
+
+    def lease(self, name: str) -> list[str]:
+        return [f"{self.prefix}:lease:{name}", f"{self.prefix}:lease:{name}:epoch"]
 
     def all(self) -> list[str]:
         """Every key, in the order the scripts' prelude names them."""
@@ -76,6 +86,8 @@ class Keys:
             self.versions,
             self.dirty,
             self.beacon,
+            self.synced,
+            self.seeded,
         ]
 
 
@@ -84,12 +96,19 @@ class HeartbeatOutcome(enum.Enum):
     OFFLINE = 0
     DEACTIVATED = -1
     UNKNOWN = -2
+    UNSEEDED = -3
 
 
-def _script(name: str) -> str:
+def _script(name: str, *, prelude: bool = True) -> str:
     folder = resources.files("availability") / "lua"
-    prelude = (folder / "prelude.lua").read_text(encoding="utf-8")
-    return prelude + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")
+    body = (folder / f"{name}.lua").read_text(encoding="utf-8")
+    if not prelude:
+        return body
+    return (folder / "prelude.lua").read_text(encoding="utf-8") + "\n" + body
+
+
+def _us(when: datetime) -> str:
+    return str(int(when.timestamp() * 1_000_000))
 
 
 def _ms(when: datetime | None) -> str:
@@ -100,8 +119,18 @@ def _time(ms: float) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-def connect_valkey(settings: Settings) -> redis.Redis:
-    """A client that fails fast: no retries or backoff, since every caller has a fallback."""
+def connect_valkey(settings: Settings, on_connect: Callable[[], None] | None = None) -> redis.Redis:
+    """A client that fails fast: no retries or backoff, since every caller has a fallback.
+
+    on_connect runs after every new connection, so a restarted Valkey is noticed the moment
+    the client reaches it again.
+    """
+
+    async def connected(connection: Connection) -> None:
+        await connection.on_connect()
+        if on_connect is not None:
+            on_connect()
+
     url = settings.valkey_url.replace("valkey://", "redis://", 1).replace(
         "valkeys://", "rediss://", 1
     )
@@ -111,6 +140,7 @@ def connect_valkey(settings: Settings) -> redis.Redis:
         socket_connect_timeout=settings.valkey_timeout_seconds,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
+        redis_connect_func=connected,
     )
     return client
 
@@ -130,6 +160,11 @@ class Mirror:
         self._status = client.register_script(_script("status"))
         self._find = client.register_script(_script("find"))
         self._count = client.register_script(_script("count"))
+        self._stale = client.register_script(_script("stale"))
+        self._acknowledge = client.register_script(_script("acknowledge"))
+        self._forget = client.register_script(_script("forget"))
+        self._lease = client.register_script(_script("lease", prelude=False))
+        self._release = client.register_script(_script("release", prelude=False))
 
     async def _run(self, script: Any, *args: object) -> Any:
         return await script(keys=self._all_keys, args=list(args))
@@ -140,11 +175,19 @@ class Mirror:
     async def close(self) -> None:
         await self.client.aclose()
 
+    async def is_seeded(self) -> bool:
+        return bool(await self.client.exists(self.keys.seeded))
+
+    async def mark_seeded(self) -> None:
+        await self.client.set(self.keys.seeded, "1")
+
     async def heartbeat(self, mitra_id: UUID) -> HeartbeatOutcome:
         return HeartbeatOutcome(int(await self._run(self._heartbeat, str(mitra_id))))
 
-    async def apply(self, states: Sequence[MitraState]) -> None:
-        """Mirror states read from the truth (write-through, resync and seed all use this)."""
+    async def apply(self, states: Sequence[MitraState]) -> Drift:
+        """Mirror states read from the truth (write-through, resync and reconcile all use this);
+        returns what changed."""
+        changed = Drift()
         for first in range(0, len(states), _APPLY_BATCH):
             args: list[object] = [self._credit_ms]
             for s in states[first : first + _APPLY_BATCH]:
@@ -157,8 +200,10 @@ class Mirror:
                     s.version,
                     s.load,
                     _ms(s.last_heartbeat_at),
+                    _us(s.read_at),
                 ]
-            await self._run(self._apply, *args)
+            changed += Drift(*await self._run(self._apply, *args))
+        return changed
 
     async def status(self, mitra_id: UUID) -> MitraStatus:
         reply = await self._run(self._status, str(mitra_id))
@@ -191,3 +236,56 @@ class Mirror:
         reply = await self._run(self._count, self._stale_ms, self._beacon_ttl_ms)
         available, online, as_of = reply.decode().split(":")
         return AvailabilityCount(int(available), int(online), _time(float(as_of)), Source.CACHE)
+
+    async def stale(self, limit: int) -> tuple[int, int, list[UUID]]:
+        """(online count, stale count, up to limit stale ids), by Valkey's clock."""
+        reply = await self._run(self._stale, self._stale_ms, limit)
+        return int(reply[0]), int(reply[1]), [UUID(i.decode()) for i in reply[2:]]
+
+    async def dirty_heartbeats(self, batch: int = 5000) -> dict[UUID, int]:
+        """Heartbeats not yet flushed to Postgres: id -> Valkey ms. Scanned, never one
+        blocking HGETALL, since all 100,000 can be dirty at once."""
+        found: dict[UUID, int] = {}
+        async for key, value in self.client.hscan_iter(self.keys.dirty, count=batch):
+            found[UUID(key.decode())] = int(value)
+        return found
+
+    async def acknowledge_flushed(self, flushed: dict[UUID, int], batch: int = 5000) -> int:
+        items = list(flushed.items())
+        dropped = 0
+        for first in range(0, len(items), batch):
+            args = [x for mitra, ms in items[first : first + batch] for x in (str(mitra), ms)]
+            dropped += int(await self._run(self._acknowledge, *args))
+        return dropped
+
+    async def mitra_ids(self, batch: int = 5000) -> set[str]:
+        """Every member any reader-facing structure holds (garbage included, as text)."""
+        k = self.keys
+        found: set[bytes] = set()
+        async for key, _value in self.client.hscan_iter(k.capacity, count=batch):
+            found.add(key)
+        for name in (k.online, k.deactivated):
+            async for member in self.client.sscan_iter(name, count=batch):
+                found.add(member)
+        for name in (k.heartbeats, k.ready):
+            async for member, _score in self.client.zscan_iter(name, count=batch):
+                found.add(member)
+        return {m.decode() for m in found}
+
+    async def forget(self, members: Sequence[str], snapshot: datetime) -> int:
+        """Drop members the truth does not have, unless synced since the snapshot."""
+        forgotten = 0
+        ids = list(members)
+        for first in range(0, len(ids), _APPLY_BATCH):
+            chunk = ids[first : first + _APPLY_BATCH]
+            forgotten += int(await self._run(self._forget, _us(snapshot), *chunk))
+        return forgotten
+
+    async def take_lease(self, name: str, owner: str, ttl_seconds: float) -> int:
+        """The lease's epoch if owner holds it now (taken or renewed), else 0."""
+        return int(
+            await self._lease(keys=self.keys.lease(name), args=[owner, int(ttl_seconds * 1000)])
+        )
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self._release(keys=self.keys.lease(name)[:1], args=[owner])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime
 from uuid import UUID
 
@@ -29,6 +29,28 @@ class MitraState:
     last_heartbeat_at: datetime | None
     version: int
     load: int
+    read_at: datetime
+    """When Postgres read it (statement start): orders two reads of the same mitra."""
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """What one mirror write changed, by kind; for a reconcile, the drift it healed."""
+
+    online: int = 0
+    deactivated: int = 0
+    load: int = 0
+    profile: int = 0
+    heartbeat: int = 0
+    ready: int = 0
+    forgotten: int = 0
+
+    def __add__(self, other: Drift) -> Drift:
+        return Drift(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    @property
+    def total(self) -> int:
+        return sum(astuple(self))
 
 
 @dataclass(frozen=True, slots=True)

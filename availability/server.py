@@ -22,6 +22,7 @@ from .listener import ChangeListener
 from .mirror import MIRROR_ERRORS, Mirror, connect_valkey
 from .services.availability import AvailabilityService
 from .settings import Settings
+from .sweeps import Sweeps
 from .truth import Truth
 from .v1 import availability_pb2 as pb
 from .v1 import availability_pb2_grpc as pb_grpc
@@ -41,6 +42,7 @@ class Server:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.availability: Availability | None = None
         self.listener: ChangeListener | None = None
+        self.sweeps: Sweeps | None = None
         self.port = 0
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -50,7 +52,7 @@ class Server:
         started = time.perf_counter()
         settings = self.settings
         truth = await Truth.connect(settings)
-        mirror = Mirror(connect_valkey(settings), settings)
+        mirror = Mirror(connect_valkey(settings, self._valkey_connected), settings)
         self.availability = availability = Availability(truth, mirror, settings)
 
         self._grpc = grpc.aio.server(
@@ -73,12 +75,14 @@ class Server:
         if settings.migrate_on_start:
             await truth.migrate()
         try:
-            seeded = await availability.seed()
-            log.info("mirror seeded with %d mitras", seeded)
+            seeded, drift = await availability.reconcile()
+            log.info("mirror seeded with %d mitras (%d changes)", seeded, drift.total)
         except MIRROR_ERRORS as exc:
             log.warning("Valkey unavailable at start-up (%s); serving from Postgres", exc)
         self.listener = ChangeListener(availability)
         self._tasks.append(asyncio.create_task(self.listener.run(), name="change-listener"))
+        self.sweeps = Sweeps(availability)
+        self.sweeps.start()
         await self._set_health(_SERVING)
         log.info(
             "serving on %s (pid %d) after %.2fs",
@@ -86,6 +90,10 @@ class Server:
             os.getpid(),
             time.perf_counter() - started,
         )
+
+    def _valkey_connected(self) -> None:
+        if self.sweeps is not None:
+            self.sweeps.valkey_connected()
 
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
@@ -98,6 +106,8 @@ class Server:
         await self.health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self.sweeps is not None:
+            await self.sweeps.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

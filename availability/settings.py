@@ -29,6 +29,10 @@ class Settings:
     valkey_key_prefix: str = "availability"
     default_max_concurrent_sessions: int = 3
     beacon_ttl_seconds: float = 10.0
+    auto_offline_batch: int = 10_000
+    mass_stale_share: float = 0.5
+    mass_stale_min: int = 20
+    mass_stale_max_per_sweep: int = 100
     database_pool_size: int = 10
     database_timeout_seconds: float = 5.0
     valkey_timeout_seconds: float = 0.25
@@ -74,7 +78,16 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
-        for name in ("default_max_concurrent_sessions", "database_pool_size"):
+        if not 0 < self.mass_stale_share <= 1:
+            raise SettingsError(f"MASS_STALE_SHARE must be in (0, 1], got {self.mass_stale_share}")
+        if self.mass_stale_min < 0:
+            raise SettingsError(f"MASS_STALE_MIN must be >= 0, got {self.mass_stale_min}")
+        for name in (
+            "default_max_concurrent_sessions",
+            "database_pool_size",
+            "auto_offline_batch",
+            "mass_stale_max_per_sweep",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
         if not self.database_url.startswith(("postgres://", "postgresql://")):
@@ -138,6 +151,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "migrate_on_start": _bool,
     "default_max_concurrent_sessions": _int,
     "database_pool_size": _int,
+    "auto_offline_batch": _int,
+    "mass_stale_share": _float,
+    "mass_stale_min": _int,
+    "mass_stale_max_per_sweep": _int,
 }
 
 

@@ -26,7 +26,8 @@ _STATE_COLUMNS = f"""
     m.id, coalesce(m.display_name, '') AS display_name, m.is_active,
     m.max_concurrent_sessions, coalesce(s.is_online, false) AS is_online,
     s.last_heartbeat_at, coalesce(s.version, 0) AS version,
-    (SELECT count(*) FROM chat_sessions c WHERE c.mitra_id = m.id AND {_LOAD})::int AS load
+    (SELECT count(*) FROM chat_sessions c WHERE c.mitra_id = m.id AND {_LOAD})::int AS load,
+    statement_timestamp() AS read_at
 """
 
 _STATES_BY_ID = f"""
@@ -39,7 +40,7 @@ _ALL_STATES = """
 SELECT m.id, coalesce(m.display_name, '') AS display_name, m.is_active,
        m.max_concurrent_sessions, coalesce(s.is_online, false) AS is_online,
        s.last_heartbeat_at, coalesce(s.version, 0) AS version,
-       coalesce(l.load, 0)::int AS load
+       coalesce(l.load, 0)::int AS load, now() AS read_at
 FROM mitras m
 LEFT JOIN mitra_online_status s ON s.mitra_id = m.id
 LEFT JOIN (
@@ -113,6 +114,27 @@ SELECT count(*) FILTER (WHERE {_IS_AVAILABLE})::int AS available,
 """
 
 _NOW = "SELECT now()"
+
+_TAKE_OFFLINE = """
+WITH fence AS (
+    INSERT INTO sweep_fences AS f (name, epoch) VALUES ($2, $3)
+    ON CONFLICT (name) DO UPDATE SET epoch = greatest(f.epoch, excluded.epoch)
+    RETURNING epoch
+)
+UPDATE mitra_online_status s
+SET is_online = false, updated_at = now(), version = s.version + 1
+FROM fence
+WHERE fence.epoch = $3 AND s.mitra_id = ANY($1::uuid[]) AND s.is_online
+RETURNING s.mitra_id
+"""
+
+_FLUSH_HEARTBEATS = """
+UPDATE mitra_online_status s
+SET last_heartbeat_at = v.at
+FROM unnest($1::uuid[], $2::timestamptz[]) AS v (mitra_id, at)
+WHERE s.mitra_id = v.mitra_id
+  AND (s.last_heartbeat_at IS NULL OR s.last_heartbeat_at < v.at)
+"""
 
 _DEMO_BATCH = """
 WITH new AS (
@@ -217,6 +239,7 @@ def _state(row: asyncpg.Record) -> MitraState:
         last_heartbeat_at=row["last_heartbeat_at"],
         version=row["version"],
         load=row["load"],
+        read_at=row["read_at"],
     )
 
 
@@ -341,6 +364,21 @@ class Truth:
 
         state, now = await self._write(mitra_id, change)
         return state, now, revoked
+
+    async def take_offline(self, mitra_ids: Sequence[UUID], fence: str, epoch: int) -> list[UUID]:
+        """The auto-offline sweep's write, refused when a newer lease epoch has written."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(_TAKE_OFFLINE, list(mitra_ids), fence, epoch)
+        return [r["mitra_id"] for r in rows]
+
+    async def flush_heartbeats(self, heartbeats: Sequence[tuple[UUID, datetime]]) -> int:
+        """One statement for the whole batch; never moves a time backwards, so running it
+        twice, late, or from two instances changes nothing more."""
+        async with self._connection() as conn:
+            status = await conn.execute(
+                _FLUSH_HEARTBEATS, [m for m, _ in heartbeats], [at for _, at in heartbeats]
+            )
+        return _row_count(status)
 
     async def record_heartbeat(self, mitra_id: UUID) -> bool:
         """The heartbeat when Valkey cannot take it: guard and record in one statement."""

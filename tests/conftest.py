@@ -206,3 +206,9 @@ async def server_on_own_valkey(
 def rpc_error(exc_info: Any) -> grpc.aio.AioRpcError:
     error: grpc.aio.AioRpcError = exc_info.value
     return error
+
+
+@pytest.fixture
+async def stub_own(server_on_own_valkey: Server) -> AsyncIterator[pb_grpc.AvailabilityServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_on_own_valkey.port}") as ch:
+        yield pb_grpc.AvailabilityServiceStub(ch)

@@ -3,6 +3,10 @@
 -- available = |READY| - (READY members whose heartbeat is stale): the stale are few
 -- (the auto-offline sweep removes them), so this costs O(stale + log n).
 -- Returns "available:online:as_of_ms".
+local unseeded = require_seeded()
+if unseeded then
+  return unseeded
+end
 local cached = redis.call('GET', BEACON)
 if cached then
   return cached

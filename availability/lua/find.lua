@@ -1,6 +1,10 @@
 -- ARGV: stale ms, limit, then ids to exclude. Walks READY in order and keeps the fresh,
 -- so the cost follows limit + skipped, never the fleet size.
 -- Returns id, load, capacity, name for each found mitra, flattened.
+local unseeded = require_seeded()
+if unseeded then
+  return unseeded
+end
 local threshold = now_ms() - tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local excluded = {}

@@ -1,6 +1,10 @@
 -- ARGV[1] mitra id.
--- Returns 1 recorded (online), 0 offline (not recorded), -1 deactivated, -2 unknown here.
+-- Returns 1 recorded (online), 0 offline (not recorded), -1 deactivated, -2 unknown here,
+-- -3 mirror not seeded.
 local id = ARGV[1]
+if redis.call('EXISTS', SEEDED) == 0 then
+  return -3
+end
 if redis.call('SISMEMBER', DEACTIVATED, id) == 1 then
   return -1
 end

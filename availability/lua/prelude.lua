@@ -1,6 +1,15 @@
 -- Shared by every script. KEYS are always the whole mirror, in this order:
 local ONLINE, DEACTIVATED, CAPACITY, NAMES, LOADS, HEARTBEATS, READY, VERSIONS, DIRTY, BEACON =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local SYNCED, SEEDED = KEYS[11], KEYS[12]
+
+-- Until a complete seed has written SEEDED (a fresh or restarted Valkey), the mirror is
+-- partial: readers must ask Postgres instead.
+local function require_seeded()
+  if redis.call('EXISTS', SEEDED) == 0 then
+    return redis.error_reply('UNSEEDED the mirror is being seeded')
+  end
+end
 
 -- Valkey's clock is the one clock: every instance's freshness is judged by it.
 local function now_ms()
@@ -20,10 +29,10 @@ local function update_ready(id, now_s)
       and load < capacity then
     local score = tonumber(redis.call('ZSCORE', READY, id))
     if score and math.floor(score / LOAD_SCALE) == load then
-      return
+      return 0
     end
     redis.call('ZADD', READY, string.format('%d', load * LOAD_SCALE + now_s), id)
-  else
-    redis.call('ZREM', READY, id)
+    return 1
   end
+  return redis.call('ZREM', READY, id)
 end

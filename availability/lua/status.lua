@@ -1,5 +1,9 @@
 -- ARGV[1] mitra id. Returns {} when the mirror does not know it, else
 -- {online, deactivated, capacity, load, heartbeat ms or false, now ms, name}.
+local unseeded = require_seeded()
+if unseeded then
+  return unseeded
+end
 local id = ARGV[1]
 local capacity = redis.call('HGET', CAPACITY, id)
 if not capacity then

@@ -1,0 +1,205 @@
+"""The server-owned background work of DESIGN.md: auto-offline, heartbeat flush, reconcile,
+and keeping the mirror seeded across Valkey restarts.
+
+Each sweep runs on one instance per tick: whoever holds its lease in Valkey. The lease's
+epoch is a fencing token; writes a late former leader could still make are either refused
+by Postgres (auto-offline) or idempotent and monotonic (flush, reconcile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from .domain import Availability
+from .errors import TruthUnavailable
+from .mirror import MIRROR_ERRORS
+from .model import Drift
+
+log = logging.getLogger(__name__)
+
+AUTO_OFFLINE = "auto_offline"
+HEARTBEAT_FLUSH = "heartbeat_flush"
+RECONCILE = "reconcile"
+
+
+@dataclass
+class SweepStats:
+    """Per sweep: what the metrics endpoint and `availability status` report."""
+
+    runs: int = 0
+    aborted: int = 0
+    skipped: int = 0
+    affected: int = 0
+    last_run_at: datetime | None = None
+    last_duration_seconds: float = 0.0
+
+
+@dataclass
+class SweepReport:
+    stats: dict[str, SweepStats] = field(default_factory=dict)
+    guard_trips: int = 0
+    drift: Drift = field(default_factory=Drift)
+    reseeds: int = 0
+
+    def of(self, name: str) -> SweepStats:
+        return self.stats.setdefault(name, SweepStats())
+
+
+class Sweeps:
+    def __init__(self, availability: Availability) -> None:
+        self._availability = availability
+        self._settings = availability.settings
+        self.owner = f"{uuid.uuid4().hex[:12]}"
+        self.report = SweepReport()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connected = asyncio.Event()
+
+    def valkey_connected(self) -> None:
+        """Called from the Valkey connection on every (re)connect: check the seed now."""
+        self._connected.set()
+
+    def start(self) -> None:
+        s = self._settings
+        schedule: list[tuple[str, float, Callable[[int], Awaitable[int]]]] = [
+            (AUTO_OFFLINE, s.mitra_auto_offline_sweep_seconds, self.auto_offline),
+            (HEARTBEAT_FLUSH, s.heartbeat_mirror_interval_seconds, self.flush_heartbeats),
+            (RECONCILE, s.valkey_online_mirror_sweep_seconds, self.reconcile),
+        ]
+        for name, interval, sweep in schedule:
+            self._tasks.append(
+                asyncio.create_task(self._every(name, interval, sweep), name=f"sweep-{name}")
+            )
+        self._tasks.append(asyncio.create_task(self._keep_seeded(), name="keep-seeded"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for name in (AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE):
+            with contextlib.suppress(*MIRROR_ERRORS):
+                await self._availability.mirror.release_lease(name, self.owner)
+
+    async def _every(
+        self, name: str, interval: float, sweep: Callable[[int], Awaitable[int]]
+    ) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.run_once(name, interval, sweep)
+
+    async def run_once(
+        self, name: str, interval: float, sweep: Callable[[int], Awaitable[int]]
+    ) -> bool:
+        """One tick: take or renew the lease, run if held. The lease outlives the tick, so
+        the holder keeps it and the other instances skip; if the holder dies, another
+        takes over within 1.5 intervals."""
+        stats = self.report.of(name)
+        mirror = self._availability.mirror
+        ttl = interval * 1.5
+        try:
+            epoch = await mirror.take_lease(name, self.owner, ttl)
+        except MIRROR_ERRORS as exc:
+            stats.aborted += 1
+            log.warning("%s: no lease without Valkey (%r); not running", name, exc)
+            return False
+        if not epoch:
+            stats.skipped += 1
+            return False
+        renew = asyncio.create_task(self._renew(name, ttl))
+        started = time.perf_counter()
+        try:
+            stats.affected += await sweep(epoch)
+            stats.runs += 1
+        except MIRROR_ERRORS as exc:
+            stats.aborted += 1
+            log.warning("%s aborted: Valkey error (%r); nothing taken from it", name, exc)
+        except TruthUnavailable as exc:
+            stats.aborted += 1
+            log.warning("%s aborted: %s", name, exc)
+        finally:
+            renew.cancel()
+            stats.last_duration_seconds = time.perf_counter() - started
+            stats.last_run_at = datetime.now(UTC)
+        return True
+
+    async def _renew(self, name: str, ttl: float) -> None:
+        while True:
+            await asyncio.sleep(ttl / 3)
+            with contextlib.suppress(*MIRROR_ERRORS):
+                await self._availability.mirror.take_lease(name, self.owner, ttl)
+
+    async def auto_offline(self, epoch: int) -> int:
+        """Online mitras whose heartbeat went stale go offline: Postgres first, fenced by the
+        lease epoch, then Valkey. Any Valkey error aborts before Postgres is touched.
+
+        The mass-stale guard: when more than MASS_STALE_SHARE of the online mitras (and more
+        than MASS_STALE_MIN) are stale at once, the fault is probably ours (the heartbeat
+        path), so at most MASS_STALE_MAX_PER_SWEEP go offline this sweep, loudly.
+        """
+        s = self._settings
+        availability = self._availability
+        online, stale, ids = await availability.mirror.stale(s.auto_offline_batch)
+        if not ids:
+            return 0
+        if stale > s.mass_stale_min and stale > s.mass_stale_share * online:
+            self.report.guard_trips += 1
+            ids = ids[: s.mass_stale_max_per_sweep]
+            log.error(
+                "mass-stale guard tripped: %d of %d online mitras stale at once; taking only "
+                "%d offline this sweep. Check the heartbeat path before trusting this.",
+                stale,
+                online,
+                len(ids),
+            )
+        offline = await availability.truth.take_offline(ids, AUTO_OFFLINE, epoch)
+        if offline:
+            await availability.resync(offline)
+            log.info("auto-offline: %d stale mitras taken offline", len(offline))
+        return len(offline)
+
+    async def flush_heartbeats(self, epoch: int) -> int:
+        """Heartbeat times from Valkey to last_heartbeat_at, one statement a cycle; only the
+        heartbeats since the last flush, acknowledged only if not replaced meanwhile."""
+        availability = self._availability
+        dirty = await availability.mirror.dirty_heartbeats()
+        if not dirty:
+            return 0
+        await availability.truth.flush_heartbeats(
+            [(m, datetime.fromtimestamp(ms / 1000, UTC)) for m, ms in dirty.items()]
+        )
+        await availability.mirror.acknowledge_flushed(dirty)
+        return len(dirty)
+
+    async def reconcile(self, epoch: int) -> int:
+        mitras, drift = await self._availability.reconcile()
+        self.report.drift += drift
+        if drift.total:
+            log.warning("reconcile healed drift over %d mitras: %s", mitras, drift)
+        return drift.total
+
+    async def _keep_seeded(self) -> None:
+        """Reseed whenever the mirror lost its seed (a restarted or replaced Valkey), checked
+        on every reconnect and once a second; one instance seeds, under the reconcile lease."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), 1.0)
+            self._connected.clear()
+            try:
+                if await self._availability.mirror.is_seeded():
+                    continue
+            except MIRROR_ERRORS:
+                continue
+            if await self.run_once(
+                RECONCILE, self._settings.valkey_online_mirror_sweep_seconds, self.reconcile
+            ):
+                self.report.reseeds += 1
+                log.info("mirror reseeded after Valkey lost it")
