@@ -3,6 +3,7 @@ real grpcurl binary, stopped with SIGTERM; `--workers N` sharing the port."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from availability.settings import Settings
 
-from .helpers import Fleet
+from .helpers import Fleet, eventually
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 SERVICE = "availability.v1.AvailabilityService"
@@ -183,8 +184,6 @@ async def test_sigterm_drains_in_flight_calls(
         from availability.v1 import availability_pb2_grpc as pb_grpc
 
         stub = pb_grpc.AvailabilityServiceStub(channel)
-        import asyncio
-
         call = asyncio.ensure_future(stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra))))
         await asyncio.sleep(0.5)
         assert not call.done(), "the write waits on the row lock"
@@ -201,9 +200,11 @@ async def test_sigterm_drains_in_flight_calls(
 async def test_workers_share_the_port(serve: object, fleet: Fleet) -> None:
     mitra = str(await fleet.mitra())
     served: Served = serve("--workers", "2")  # type: ignore[operator]
-    deadline = time.monotonic() + 20
-    while served.log.read_text().count("serving on") < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
+
+    async def both_serving() -> bool:
+        return served.log.read_text().count("serving on") >= 2
+
+    await eventually(both_serving, timeout=20)
     pids = {
         line.split("(pid ")[1].split(")")[0]
         for line in served.log.read_text().splitlines()
