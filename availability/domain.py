@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 from uuid import UUID
 
-from .errors import HeartbeatRefused, MitraNotFound
+from .errors import HeartbeatRefused, MitraNotFound, TruthUnavailable
 from .mirror import MIRROR_ERRORS, HeartbeatOutcome, Mirror
 from .model import (
     AvailabilityCount,
@@ -26,6 +26,9 @@ from .truth import Truth
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+STORE_ERRORS: tuple[type[BaseException], ...] = (*MIRROR_ERRORS, TruthUnavailable)
+"""Either store failing: what background work retries later instead of crashing on."""
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Availability:
         self.mirror = mirror
         self.settings = settings
         self.counters = Counters()
+        self.unmirrored: set[UUID] = set()
 
     async def _read(
         self,
@@ -66,13 +70,27 @@ class Availability:
             return await from_truth()
 
     async def _mirror(self, path: str, states: Sequence[MitraState]) -> None:
-        """Best effort after the truth committed: a failure is logged and counted, never raised;
-        the reconcile sweep heals what it leaves behind."""
+        """Best effort after the truth committed: a failure is logged and counted, never raised.
+        The mitras are remembered and resynced as soon as Valkey answers again
+        (`repair_unmirrored`); the reconcile sweep heals anything else."""
         try:
             await self.mirror.apply(states)
         except MIRROR_ERRORS as exc:
             Counters.bump(self.counters.mirror_write_errors, path)
+            self.unmirrored.update(s.mitra_id for s in states)
             log.warning("%s: mirror write failed (%s: %s)", path, type(exc).__name__, exc)
+
+    async def repair_unmirrored(self) -> int:
+        """Resync the mitras whose mirror write failed; returns how many were repaired."""
+        if not self.unmirrored:
+            return 0
+        ids, self.unmirrored = list(self.unmirrored), set()
+        try:
+            await self.mirror.apply(await self.truth.states(ids))
+        except STORE_ERRORS:
+            self.unmirrored.update(ids)
+            raise
+        return len(ids)
 
     def _status_from_truth(self, state: MitraState, now: datetime) -> MitraStatus:
         window = timedelta(seconds=self.settings.truth_freshness_seconds)

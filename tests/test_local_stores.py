@@ -1,0 +1,221 @@
+"""The local stores are the servers other tests crash, restart and hang on purpose, so each of
+those moves is checked here against a real Postgres and a real Valkey."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis
+
+from availability.local_stores import (
+    LocalPostgres,
+    LocalStoreError,
+    LocalValkey,
+    free_port,
+    start_postgres,
+    start_valkey,
+)
+
+SHARED_PORTS = {5432, 6379}
+CONNECTION_LOST = (asyncpg.InterfaceError, asyncpg.PostgresError, OSError)
+
+
+@pytest.fixture
+def local_postgres(tmp_path: Path) -> Iterator[LocalPostgres]:
+    local = start_postgres(tmp_path / "postgres")
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def local_valkey(tmp_path: Path) -> Iterator[LocalValkey]:
+    local = start_valkey(tmp_path / "valkey")
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def query(dsn: str, sql: str, timeout: float = 5.0) -> list[Any]:
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(dsn, timeout=timeout)
+        try:
+            if ";" in sql:
+                await conn.execute(sql)
+                return []
+            return [tuple(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def client(local: LocalValkey, timeout: float = 2.0) -> redis.Redis:
+    return redis.Redis.from_url(local.url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def test_free_port_can_be_bound_and_is_not_a_shared_one() -> None:
+    port = free_port()
+    assert port not in SHARED_PORTS
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_postgres_answers_on_its_own_loopback_port(local_postgres: LocalPostgres) -> None:
+    assert local_postgres.port not in SHARED_PORTS
+    assert local_postgres.dsn == f"postgresql://postgres@127.0.0.1:{local_postgres.port}/postgres"
+    assert query(local_postgres.dsn, "SELECT current_user, current_database()") == [
+        ("postgres", "postgres")
+    ]
+
+
+def test_postgres_data_survives_a_kill(local_postgres: LocalPostgres) -> None:
+    query(local_postgres.dsn, "CREATE TABLE kept (x int); INSERT INTO kept VALUES (42);")
+    port = local_postgres.port
+
+    local_postgres.kill()
+
+    assert not local_postgres.running
+    with pytest.raises(ConnectionRefusedError):
+        query(local_postgres.dsn, "SELECT 1", timeout=1.0)
+    local_postgres.start()
+    assert local_postgres.port == port
+    assert query(local_postgres.dsn, "SELECT x FROM kept") == [(42,)]
+
+
+def test_postgres_kill_drops_open_connections(local_postgres: LocalPostgres) -> None:
+    async def scenario() -> None:
+        conn = await asyncpg.connect(local_postgres.dsn)
+        try:
+            assert await conn.fetchval("SELECT 1") == 1
+            local_postgres.kill()
+            with pytest.raises(CONNECTION_LOST):
+                await asyncio.wait_for(conn.fetchval("SELECT 1"), 5.0)
+        finally:
+            conn.terminate()
+
+    asyncio.run(scenario())
+
+
+def test_a_stopped_data_dir_starts_again_with_its_data(tmp_path: Path) -> None:
+    first = start_postgres(tmp_path / "postgres")
+    try:
+        query(first.dsn, "CREATE TABLE kept (x int); INSERT INTO kept VALUES (7);")
+    finally:
+        first.stop()
+
+    second = start_postgres(tmp_path / "postgres")
+    try:
+        assert query(second.dsn, "SELECT x FROM kept") == [(7,)]
+    finally:
+        second.stop()
+
+
+def test_postgres_pause_hangs_connections_until_resume(local_postgres: LocalPostgres) -> None:
+    local_postgres.pause()
+    try:
+        with pytest.raises(TimeoutError):
+            query(local_postgres.dsn, "SELECT 1", timeout=0.5)
+    finally:
+        local_postgres.resume()
+
+    assert query(local_postgres.dsn, "SELECT 1") == [(1,)]
+
+
+def test_postgres_stops_and_kills_even_when_paused(tmp_path: Path) -> None:
+    local = start_postgres(tmp_path / "postgres")
+    local.pause()
+    local.stop()
+    assert not local.running
+    local.stop()
+    local.kill()
+
+    local.start()
+    local.pause()
+    local.kill()
+    local.start()
+    assert query(local.dsn, "SELECT 1") == [(1,)]
+    local.stop()
+
+
+def test_postgres_refuses_a_directory_that_is_not_its_own(tmp_path: Path) -> None:
+    data_dir = tmp_path / "postgres"
+    data_dir.mkdir()
+    (data_dir / "something.txt").write_text("not a cluster")
+
+    with pytest.raises(LocalStoreError, match="neither empty nor a Postgres data directory"):
+        start_postgres(data_dir)
+
+
+def test_valkey_set_get_then_kill_and_start(local_valkey: LocalValkey) -> None:
+    assert local_valkey.port not in SHARED_PORTS
+    assert local_valkey.url == f"redis://127.0.0.1:{local_valkey.port}/0"
+    valkey = client(local_valkey)
+    assert valkey.set("k", "v")
+    assert valkey.get("k") == b"v"
+
+    local_valkey.kill()
+
+    with pytest.raises(redis.ConnectionError):
+        valkey.ping()
+    local_valkey.start()
+    assert valkey.ping()
+    assert valkey.get("k") is None
+
+
+def test_valkey_pause_blocks_ping_until_resume(local_valkey: LocalValkey) -> None:
+    valkey = client(local_valkey, timeout=0.3)
+    assert valkey.ping()
+
+    local_valkey.pause()
+    try:
+        with pytest.raises(redis.TimeoutError):
+            valkey.ping()
+    finally:
+        local_valkey.resume()
+
+    assert client(local_valkey).ping()
+
+
+def test_valkey_stops_even_when_paused(local_valkey: LocalValkey) -> None:
+    local_valkey.pause()
+    local_valkey.stop()
+
+    assert not local_valkey.running
+    with pytest.raises(redis.ConnectionError):
+        client(local_valkey).ping()
+
+
+def test_a_taken_port_fails_with_the_server_log(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        with pytest.raises(LocalStoreError, match="Address already in use"):
+            start_valkey(tmp_path / "valkey", port=port)
+
+
+def test_a_port_taken_after_it_was_picked_is_picked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1], free_port()])
+        monkeypatch.setattr("availability.local_stores.free_port", lambda: next(ports))
+
+        local = start_valkey(tmp_path / "valkey")
+        try:
+            assert local.port != taken.getsockname()[1]
+            assert client(local).ping()
+        finally:
+            local.stop()

@@ -1,0 +1,381 @@
+"""A stateful property test: random sequences of online, offline, heartbeat, deactivate,
+reactivate, chat-session transitions, time passing, sweeps, Valkey outages and hiccups.
+
+At every step the service's answers equal answers computed from the Postgres truth (and,
+for freshness, from the heartbeats the model sent), within the documented bounds; after a
+reconcile the mirror equals Postgres exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+import asyncpg
+import grpc
+import redis.asyncio as redis
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from availability.local_stores import LocalValkey
+from availability.mirror import Keys
+from availability.server import Server
+from availability.settings import Settings
+from availability.sweeps import AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE
+from availability.v1 import availability_pb2 as pb
+from availability.v1 import availability_pb2_grpc as pb_grpc
+
+from .helpers import eventually
+
+MITRAS = 4
+CAPACITY = 2
+
+
+@dataclass
+class Heartbeats:
+    """What the model knows of a mitra's heartbeat, which lives in Valkey, not the truth."""
+
+    fresh: bool = False
+    unflushed: bool = False
+    uncertain: bool = False  # a heartbeat lost with an outage before it was flushed
+
+
+class AvailabilityMachine(RuleBasedStateMachine):
+    base: Settings
+    valkey: LocalValkey
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.settings = replace(
+            self.base,
+            valkey_url=self.valkey.url,
+            valkey_key_prefix=f"prop-{uuid.uuid4().hex[:8]}",
+            valkey_timeout_seconds=0.2,
+        )
+        self.keys = Keys.for_prefix(self.settings.valkey_key_prefix)
+        self.state = "up"
+        self.beats = [Heartbeats() for _ in range(MITRAS)]
+        self.sessions: dict[uuid.UUID, uuid.UUID] = {}
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    @initialize()
+    def start(self) -> None:
+        async def setup() -> None:
+            self.db = await asyncpg.connect(self.settings.database_url)
+            await self.db.execute(
+                "TRUNCATE mitras, mitra_online_status, chat_sessions, auth_sessions CASCADE"
+            )
+            self.mitras = [
+                await self.db.fetchval(
+                    "INSERT INTO mitras (display_name, max_concurrent_sessions)"
+                    " VALUES ($1, $2) RETURNING id",
+                    f"Mitra {i}",
+                    CAPACITY,
+                )
+                for i in range(MITRAS)
+            ]
+            self.server = Server(self.settings)
+            await self.server.start()
+            self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
+            self.stub = pb_grpc.AvailabilityServiceStub(self.channel)
+            self.inspect = redis.Redis.from_url(self.valkey.url, decode_responses=True)
+
+        self.run(setup())
+
+    def teardown(self) -> None:
+        if self.state == "down":
+            self.valkey.start()
+        elif self.state == "paused":
+            self.valkey.resume()
+
+        async def close() -> None:
+            if hasattr(self, "server"):
+                await self.channel.close()
+                await self.server.stop(grace=0.5)
+                await self.inspect.aclose()
+                await self.db.close()
+
+        self.run(close())
+        self.loop.close()
+
+    async def call(self, method: str, request: Any) -> tuple[Any, grpc.StatusCode]:
+        try:
+            return await getattr(self.stub, method)(request, timeout=10), grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            return None, exc.code()
+
+    async def truth(self, mitra: uuid.UUID) -> asyncpg.Record:
+        row = await self.db.fetchrow(
+            "SELECT m.is_active, coalesce(s.is_online, false) AS is_online,"
+            " (SELECT count(*) FROM chat_sessions c WHERE c.mitra_id = m.id"
+            "  AND c.status IN ('active', 'pending_payment'))::int AS load"
+            " FROM mitras m LEFT JOIN mitra_online_status s ON s.mitra_id = m.id"
+            " WHERE m.id = $1",
+            mitra,
+        )
+        assert row is not None
+        return row
+
+    def beat(self, i: int) -> None:
+        self.beats[i] = Heartbeats(fresh=True, unflushed=self.state == "up")
+
+    @rule(i=st.integers(0, MITRAS - 1))
+    def set_online(self, i: int) -> None:
+        async def step() -> None:
+            truth = await self.truth(self.mitras[i])
+            _, code = await self.call(
+                "SetOnline", pb.SetOnlineRequest(mitra_id=str(self.mitras[i]))
+            )
+            expected = (
+                grpc.StatusCode.OK if truth["is_active"] else grpc.StatusCode.FAILED_PRECONDITION
+            )
+            assert code == expected
+            if code == grpc.StatusCode.OK:
+                self.beats[i] = Heartbeats(fresh=True)
+
+        self.run(step())
+
+    @rule(i=st.integers(0, MITRAS - 1))
+    def set_offline(self, i: int) -> None:
+        _, code = self.run(
+            self.call("SetOffline", pb.SetOfflineRequest(mitra_id=str(self.mitras[i])))
+        )
+        assert code == grpc.StatusCode.OK
+
+    @rule(i=st.integers(0, MITRAS - 1))
+    def heartbeat(self, i: int) -> None:
+        async def step() -> None:
+            truth = await self.truth(self.mitras[i])
+            reply, code = await self.call(
+                "Heartbeat", pb.HeartbeatRequest(mitra_id=str(self.mitras[i]))
+            )
+            if not truth["is_active"]:
+                assert code == grpc.StatusCode.PERMISSION_DENIED
+                return
+            assert code == grpc.StatusCode.OK
+            assert reply.online == truth["is_online"]
+            if reply.online:
+                self.beat(i)
+
+        self.run(step())
+
+    @rule(i=st.integers(0, MITRAS - 1), active=st.booleans())
+    def set_active(self, i: int, active: bool) -> None:
+        request = pb.SetMitraActiveRequest(mitra_id=str(self.mitras[i]), active=active)
+        _, code = self.run(self.call("SetMitraActive", request))
+        assert code == grpc.StatusCode.OK
+
+    async def recompute(self, *mitras: uuid.UUID) -> None:
+        request = pb.RecomputeLoadRequest(mitra_ids=[str(m) for m in mitras])
+        reply, code = await self.call("RecomputeLoad", request)
+        assert code == grpc.StatusCode.OK
+        for load in reply.loads:
+            assert load.load == (await self.truth(uuid.UUID(load.mitra_id)))["load"]
+
+    @rule(i=st.integers(0, MITRAS - 1), status=st.sampled_from(["active", "pending_payment"]))
+    def accept_session(self, i: int, status: str) -> None:
+        async def step() -> None:
+            session = await self.db.fetchval(
+                "INSERT INTO chat_sessions (mitra_id, customer_id, status)"
+                " VALUES ($1, gen_random_uuid(), $2) RETURNING id",
+                self.mitras[i],
+                status,
+            )
+            self.sessions[session] = self.mitras[i]
+            await self.recompute(self.mitras[i])
+
+        self.run(step())
+
+    @precondition(lambda self: bool(self.sessions))
+    @rule(data=st.data(), status=st.sampled_from(["ended", "expired", "cancelled"]))
+    def end_session(self, data: st.DataObject, status: str) -> None:
+        session = data.draw(st.sampled_from(sorted(self.sessions)))
+        mitra = self.sessions.pop(session)
+
+        async def step() -> None:
+            await self.db.execute(
+                "UPDATE chat_sessions SET status = $2 WHERE id = $1", session, status
+            )
+            await self.recompute(mitra)
+
+        self.run(step())
+
+    @precondition(lambda self: bool(self.sessions))
+    @rule(data=st.data(), j=st.integers(0, MITRAS - 1))
+    def reroute_session(self, data: st.DataObject, j: int) -> None:
+        session = data.draw(st.sampled_from(sorted(self.sessions)))
+        before, after = self.sessions[session], self.mitras[j]
+        self.sessions[session] = after
+
+        async def step() -> None:
+            await self.db.execute(
+                "UPDATE chat_sessions SET mitra_id = $2 WHERE id = $1", session, after
+            )
+            await self.recompute(before, after)
+
+        self.run(step())
+
+    @rule(i=st.integers(0, MITRAS - 1))
+    def time_passes(self, i: int) -> None:
+        """This mitra's app went quiet an hour ago (in both stores, as if flushed)."""
+
+        async def step() -> None:
+            await self.db.execute(
+                "UPDATE mitra_online_status SET last_heartbeat_at = now() - interval '1 hour'"
+                " WHERE mitra_id = $1",
+                self.mitras[i],
+            )
+            if self.state == "up":
+                await self.inspect.zadd(self.keys.heartbeats, {str(self.mitras[i]): 1_000}, xx=True)
+                await self.inspect.hdel(self.keys.dirty, str(self.mitras[i]))
+            self.beats[i] = Heartbeats()
+
+        if self.state != "paused":
+            self.run(step())
+
+    @precondition(lambda self: self.state == "up")
+    @rule(name=st.sampled_from([AUTO_OFFLINE, HEARTBEAT_FLUSH]))
+    def sweep(self, name: str) -> None:
+        sweeps = self.server.sweeps
+        assert sweeps is not None
+        run = {AUTO_OFFLINE: sweeps.auto_offline, HEARTBEAT_FLUSH: sweeps.flush_heartbeats}[name]
+        assert self.run(sweeps.run_once(name, 30.0, run))
+        if name == HEARTBEAT_FLUSH:
+            for beats in self.beats:
+                beats.unflushed = False
+
+    @precondition(lambda self: self.state == "up")
+    @rule()
+    def reconcile_then_mirror_equals_truth(self) -> None:
+        sweeps = self.server.sweeps
+        assert sweeps is not None
+        assert self.run(sweeps.run_once(RECONCILE, 30.0, sweeps.reconcile))
+        self.run(self.mirror_equals_truth())
+
+    async def mirror_equals_truth(self) -> None:
+        rows = await self.db.fetch(
+            "SELECT m.id::text, m.is_active, coalesce(s.is_online, false) AS online,"
+            " (SELECT count(*) FROM chat_sessions c WHERE c.mitra_id = m.id"
+            "  AND c.status IN ('active', 'pending_payment'))::int AS load"
+            " FROM mitras m LEFT JOIN mitra_online_status s ON s.mitra_id = m.id"
+        )
+        k = self.keys
+        assert await self.inspect.smembers(k.online) == {r["id"] for r in rows if r["online"]}
+        assert await self.inspect.smembers(k.deactivated) == {
+            r["id"] for r in rows if not r["is_active"]
+        }
+        assert await self.inspect.hgetall(k.loads) == {r["id"]: str(r["load"]) for r in rows}
+        assert set(await self.inspect.zrange(k.ready, 0, -1)) == {
+            r["id"] for r in rows if r["online"] and r["is_active"] and r["load"] < CAPACITY
+        }
+        assert set(await self.inspect.zrange(k.heartbeats, 0, -1)) == {
+            r["id"] for r in rows if r["online"]
+        }
+
+    @precondition(lambda self: self.state == "up")
+    @rule()
+    def valkey_outage(self) -> None:
+        self.valkey.stop()
+        self.state = "down"
+        self.lose_unflushed()
+
+    @precondition(lambda self: self.state == "up")
+    @rule()
+    def valkey_hiccup(self) -> None:
+        self.valkey.pause()
+        self.state = "paused"
+
+    def lose_unflushed(self) -> None:
+        for beats in self.beats:
+            if beats.unflushed and beats.fresh:
+                beats.uncertain = True
+            beats.unflushed = False
+
+    @precondition(lambda self: self.state != "up")
+    @rule()
+    def valkey_returns(self) -> None:
+        if self.state == "down":
+            self.valkey.start()
+        else:
+            self.valkey.resume()
+        self.state = "up"
+        availability = self.server.availability
+        assert availability is not None
+
+        async def healed() -> bool:
+            seeded = await self.inspect.exists(self.keys.seeded)
+            return bool(seeded) and not availability.unmirrored
+
+        self.run(eventually(healed, timeout=15))
+
+    @invariant()
+    def answers_match_truth(self) -> None:
+        if not hasattr(self, "server"):
+            return
+
+        async def check() -> None:
+            expected_available = set()
+            for i, mitra in enumerate(self.mitras):
+                truth = await self.truth(mitra)
+                reply, code = await self.call(
+                    "GetMitraStatus", pb.GetMitraStatusRequest(mitra_id=str(mitra))
+                )
+                assert code == grpc.StatusCode.OK
+                status = reply.status
+                where = f"mitra {i} ({pb.Source.Name(status.source)}, state {self.state})"
+                assert status.online == truth["is_online"], where
+                assert status.active == truth["is_active"], where
+                assert status.load == truth["load"], where
+                beats = self.beats[i]
+                if beats.uncertain:
+                    continue
+                fresh = beats.fresh and truth["is_online"]
+                if truth["is_online"]:
+                    assert status.fresh == fresh, where
+                available = fresh and truth["is_active"] and truth["load"] < CAPACITY
+                assert status.available == available, where
+                if available:
+                    expected_available.add(str(mitra))
+            reply, code = await self.call("FindAvailableMitras", pb.FindAvailableMitrasRequest())
+            assert code == grpc.StatusCode.OK
+            found = {m.mitra_id for m in reply.mitras}
+            uncertain = {
+                str(m) for m, b in zip(self.mitras, self.beats, strict=True) if b.uncertain
+            }
+            assert found - uncertain == expected_available
+
+        self.run(check())
+
+
+def test_service_answers_follow_truth_through_random_histories(
+    settings: Settings, own_valkey: LocalValkey, db: asyncpg.Connection
+) -> None:
+    AvailabilityMachine.base = settings
+    AvailabilityMachine.valkey = own_valkey
+    run_state_machine_as_test(
+        AvailabilityMachine,
+        settings=settings_for_ci(),
+    )
+
+
+def settings_for_ci() -> Any:
+    return hypothesis_settings(
+        max_examples=12,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
