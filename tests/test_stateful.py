@@ -317,7 +317,10 @@ class AvailabilityMachine(RuleBasedStateMachine):
         assert availability is not None
 
         async def healed() -> bool:
-            seeded = await self.inspect.exists(self.keys.seeded)
+            try:
+                seeded = await self.inspect.exists(self.keys.seeded)
+            except redis.ConnectionError:  # our own client's connection died with the server
+                return False
             return bool(seeded) and not availability.unmirrored
 
         self.run(eventually(healed, timeout=15))
