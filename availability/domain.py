@@ -3,6 +3,7 @@ reads go to the mirror then the truth, heartbeats go to the mirror alone."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,12 +11,15 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 from uuid import UUID
 
+from .coalesce import Coalesced
 from .errors import HeartbeatRefused, MitraNotFound, TruthUnavailable
 from .mirror import MIRROR_ERRORS, HeartbeatOutcome, Mirror
 from .model import (
     AvailabilityCount,
     AvailableMitra,
+    DashboardStats,
     Drift,
+    MitraLoad,
     MitraState,
     MitraStatus,
     Source,
@@ -26,6 +30,8 @@ from .truth import Truth
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DASHBOARD_MAX_AGE = 1.0
 
 STORE_ERRORS: tuple[type[BaseException], ...] = (*MIRROR_ERRORS, TruthUnavailable)
 """Either store failing: what background work retries later instead of crashing on."""
@@ -52,6 +58,8 @@ class Availability:
         self.settings = settings
         self.counters = Counters()
         self.unmirrored: set[UUID] = set()
+        self._beacon: Coalesced[None, AvailabilityCount] = Coalesced()
+        self.dashboards: Coalesced[int, DashboardStats] = Coalesced()
 
     async def _read(
         self,
@@ -163,9 +171,34 @@ class Availability:
         return await self._read("find_available", from_mirror, from_truth)
 
     async def count_available(self) -> AvailabilityCount:
-        return await self._read(
-            "count_available", self.mirror.count_available, self.truth.count_available
-        )
+        """The beacon. Valkey computes one shared snapshot per expiry for the whole cluster;
+        each instance reuses what it fetched for up to a second, so neither Valkey nor, in an
+        outage, Postgres sees more than one query a second per instance."""
+
+        async def fetch() -> AvailabilityCount:
+            return await self._read(
+                "count_available", self.mirror.count_available, self.truth.count_available
+            )
+
+        return await self._beacon.get(None, self.settings.beacon_local_seconds, fetch)
+
+    async def dashboard(self, limit: int, max_age: float = DASHBOARD_MAX_AGE) -> DashboardStats:
+        """Counts from one Postgres round trip, online mitras from the mirror (or the truth);
+        computed at most once per max_age per instance, however many dashboards ask."""
+
+        async def compute() -> DashboardStats:
+            async def from_mirror() -> tuple[int, list[MitraLoad], Source]:
+                return *await self.mirror.busiest(limit), Source.CACHE
+
+            async def from_truth() -> tuple[int, list[MitraLoad], Source]:
+                return *await self.truth.busiest(limit), Source.DATABASE
+
+            (counts, as_of), (online, busiest, source) = await asyncio.gather(
+                self.truth.session_counts(), self._read("dashboard", from_mirror, from_truth)
+            )
+            return DashboardStats(counts, online, tuple(busiest), as_of, source)
+
+        return await self.dashboards.get(limit, max_age, compute)
 
     async def resync(self, mitra_ids: Sequence[UUID]) -> list[MitraState]:
         """Re-read these mitras from the truth (load included) and mirror them."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -40,19 +40,37 @@ if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
     Handler = grpc.RpcMethodHandler[Any, Any]
     Unary = Callable[[Any, Context], Awaitable[Any]]
+    Streaming = Callable[[Any, Context], AsyncIterator[Any]]
+
+
+async def _abort(method: str, context: Context, exc: Exception) -> None:
+    if isinstance(exc, AvailabilityError):
+        await context.abort(status_code(exc), str(exc))
+    log.error("%s failed", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
 
 
 def _map_errors(method: str, behavior: Unary) -> Unary:
     async def mapped(request: Any, context: Context) -> Any:
         try:
             return await behavior(request, context)
-        except AvailabilityError as exc:
-            await context.abort(status_code(exc), str(exc))
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("%s failed", method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+        except Exception as exc:
+            await _abort(method, context, exc)
+
+    return mapped
+
+
+def _map_stream_errors(method: str, behavior: Streaming) -> Streaming:
+    async def mapped(request: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            async for reply in behavior(request, context):
+                yield reply
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(method, context, exc)
 
     return mapped
 
@@ -66,10 +84,19 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        method = handler_call_details.method
+        if handler is None:
             return handler
-        return grpc.unary_unary_rpc_method_handler(
-            _map_errors(handler_call_details.method, handler.unary_unary),  # type: ignore[arg-type]
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _map_errors(method, handler.unary_unary),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _map_stream_errors(method, handler.unary_stream),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

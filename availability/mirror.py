@@ -21,7 +21,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .model import AvailabilityCount, AvailableMitra, Drift, MitraState, MitraStatus, Source
+from .model import (
+    AvailabilityCount,
+    AvailableMitra,
+    Drift,
+    MitraLoad,
+    MitraState,
+    MitraStatus,
+    Source,
+)
 from .settings import Settings
 
 _APPLY_BATCH = 1000
@@ -49,6 +57,8 @@ class Keys:
     beacon: str
     synced: str
     seeded: str
+    busy: str
+    beacon_computed: str
     prefix: str
 
     @classmethod
@@ -67,6 +77,8 @@ class Keys:
             beacon=f"{tag}:beacon",
             synced=f"{tag}:synced",
             seeded=f"{tag}:seeded",
+            busy=f"{tag}:busy",
+            beacon_computed=f"{tag}:beacon:computed",
             prefix=tag,
         )
 
@@ -88,6 +100,8 @@ class Keys:
             self.beacon,
             self.synced,
             self.seeded,
+            self.busy,
+            self.beacon_computed,
         ]
 
 
@@ -154,12 +168,13 @@ class Mirror:
         self._all_keys = self.keys.all()
         self._stale_ms = int(settings.heartbeat_stale_seconds * 1000)
         self._credit_ms = int(settings.heartbeat_mirror_interval_seconds * 1000)
-        self._beacon_ttl_ms = int(settings.beacon_ttl_seconds * 1000)
+        self._beacon_ttl_ms = int(settings.beacon_shared_seconds * 1000)
         self._heartbeat = client.register_script(_script("heartbeat"))
         self._apply = client.register_script(_script("apply"))
         self._status = client.register_script(_script("status"))
         self._find = client.register_script(_script("find"))
         self._count = client.register_script(_script("count"))
+        self._dashboard = client.register_script(_script("dashboard"))
         self._stale = client.register_script(_script("stale"))
         self._acknowledge = client.register_script(_script("acknowledge"))
         self._forget = client.register_script(_script("forget"))
@@ -267,7 +282,7 @@ class Mirror:
         for name in (k.online, k.deactivated):
             async for member in self.client.sscan_iter(name, count=batch):
                 found.add(member)
-        for name in (k.heartbeats, k.ready):
+        for name in (k.heartbeats, k.ready, k.busy):
             async for member, _score in self.client.zscan_iter(name, count=batch):
                 found.add(member)
         return {m.decode() for m in found}
@@ -289,3 +304,15 @@ class Mirror:
 
     async def release_lease(self, name: str, owner: str) -> None:
         await self._release(keys=self.keys.lease(name)[:1], args=[owner])
+
+    async def busiest(self, limit: int) -> tuple[int, list[MitraLoad]]:
+        """(online count, the `limit` busiest online mitras), one round trip."""
+        reply = await self._run(self._dashboard, limit)
+        return int(reply[0]), [
+            MitraLoad(UUID(reply[i].decode()), reply[i + 2].decode(), int(reply[i + 1]))
+            for i in range(1, len(reply), 3)
+        ]
+
+    async def beacon_computations(self) -> int:
+        """How many times any instance computed the beacon (for stampede checks)."""
+        return int(await self.client.get(self.keys.beacon_computed) or 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import astuple, dataclass
 from datetime import datetime
 from uuid import UUID
@@ -88,3 +89,46 @@ class AvailabilityCount:
     online: int
     as_of: datetime
     source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class MitraLoad:
+    mitra_id: UUID
+    display_name: str
+    load: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCounts:
+    """The dashboard's counts over chat_sessions, as the original dashboard meant them."""
+
+    active_chats: int
+    pending_requests: int
+    sensitive_total: int
+    last_30d_total: int
+    last_30d_sensitive: int
+
+    @property
+    def last_30d_percent(self) -> float:
+        """One decimal, halves rounded up, as the original dashboard's Math.round did
+        (Python's round() would take 6.25 to 6.2)."""
+        if not self.last_30d_total:
+            return 0.0
+        return math.floor((self.last_30d_sensitive / self.last_30d_total) * 1000 + 0.5) / 10
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardStats:
+    counts: SessionCounts
+    online_mitras: int
+    customers_per_mitra: tuple[MitraLoad, ...]
+    as_of: datetime
+    source: Source
+
+    def same_numbers(self, other: DashboardStats | None) -> bool:
+        return (
+            other is not None
+            and self.counts == other.counts
+            and self.online_mitras == other.online_mitras
+            and self.customers_per_mitra == other.customers_per_mitra
+        )

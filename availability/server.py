@@ -21,15 +21,21 @@ from .interceptors import ErrorMapping
 from .listener import ChangeListener
 from .mirror import MIRROR_ERRORS, Mirror, connect_valkey
 from .services.availability import AvailabilityService
+from .services.dashboard import DashboardService
 from .settings import Settings
 from .sweeps import Sweeps
 from .truth import Truth
 from .v1 import availability_pb2 as pb
 from .v1 import availability_pb2_grpc as pb_grpc
+from .v1 import dashboard_pb2 as dashboard_pb
+from .v1 import dashboard_pb2_grpc as dashboard_pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["AvailabilityService"].full_name,)
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["AvailabilityService"].full_name,
+    dashboard_pb.DESCRIPTOR.services_by_name["DashboardService"].full_name,
+)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -61,6 +67,9 @@ class Server:
         )
         pb_grpc.add_AvailabilityServiceServicer_to_server(
             AvailabilityService(availability), self._grpc
+        )
+        dashboard_pb_grpc.add_DashboardServiceServicer_to_server(
+            DashboardService(availability), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(

@@ -49,6 +49,16 @@ class Settings:
         """
         return self.heartbeat_stale_seconds + self.heartbeat_mirror_interval_seconds
 
+    @property
+    def beacon_local_seconds(self) -> float:
+        """How long an instance reuses the beacon it fetched before asking Valkey again."""
+        return min(1.0, self.beacon_ttl_seconds / 2)
+
+    @property
+    def beacon_shared_seconds(self) -> float:
+        """TTL of the shared snapshot: with local reuse, never older than BEACON_TTL_SECONDS."""
+        return self.beacon_ttl_seconds - self.beacon_local_seconds
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build and validate settings; raises SettingsError naming the first bad one."""

@@ -12,7 +12,14 @@ from uuid import UUID
 import asyncpg
 
 from .errors import HeartbeatRefused, MitraDeactivated, MitraNotFound, TruthUnavailable
-from .model import AvailabilityCount, AvailableMitra, MitraState, Source
+from .model import (
+    AvailabilityCount,
+    AvailableMitra,
+    MitraLoad,
+    MitraState,
+    SessionCounts,
+    Source,
+)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,6 +121,36 @@ SELECT count(*) FILTER (WHERE {_IS_AVAILABLE})::int AS available,
 """
 
 _NOW = "SELECT now()"
+
+# One round trip; each count is an index-only scan of a partial or ranged index.
+_SESSION_COUNTS = """
+SELECT
+    (SELECT count(*) FROM chat_sessions
+     WHERE status IN ('active', 'pending_payment')) AS active_chats,
+    (SELECT count(*) FROM chat_sessions
+     WHERE status IN ('searching', 'pending_acceptance')) AS pending_requests,
+    (SELECT count(*) FROM chat_sessions WHERE topic_sensitivity = 'sensitive') AS sensitive_total,
+    (SELECT count(*) FROM chat_sessions
+     WHERE created_at >= now() - interval '30 days') AS last_30d_total,
+    (SELECT count(*) FROM chat_sessions
+     WHERE created_at >= now() - interval '30 days'
+       AND topic_sensitivity = 'sensitive') AS last_30d_sensitive
+"""
+
+_BUSIEST = """
+SELECT m.id, coalesce(m.display_name, '') AS display_name, coalesce(l.load, 0)::int AS load,
+       count(*) OVER () AS online
+FROM mitra_online_status s
+JOIN mitras m ON m.id = s.mitra_id
+LEFT JOIN (
+    SELECT mitra_id, count(*) AS load FROM chat_sessions
+    WHERE status IN ('active', 'pending_payment') AND mitra_id IS NOT NULL
+    GROUP BY mitra_id
+) l ON l.mitra_id = m.id
+WHERE s.is_online
+ORDER BY load DESC, m.id DESC
+LIMIT $1
+"""
 
 _TAKE_OFFLINE = """
 WITH fence AS (
@@ -405,6 +442,25 @@ class Truth:
             row = await conn.fetchrow(_COUNT_AVAILABLE, self._settings.truth_freshness_seconds)
         assert row is not None
         return AvailabilityCount(row["available"], row["online"], row["as_of"], Source.DATABASE)
+
+    async def session_counts(self) -> tuple[SessionCounts, datetime]:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_SESSION_COUNTS + ", now() AS as_of")
+        assert row is not None
+        return SessionCounts(*(int(row[i]) for i in range(5))), row["as_of"]
+
+    async def busiest(self, limit: int) -> tuple[int, list[MitraLoad]]:
+        """The mirror's `busiest`, from the truth."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(_BUSIEST, limit)
+            online = (
+                int(rows[0]["online"])
+                if rows
+                else int(
+                    await conn.fetchval("SELECT count(*) FROM mitra_online_status WHERE is_online")
+                )
+            )
+        return online, [MitraLoad(r["id"], r["display_name"], r["load"]) for r in rows]
 
     async def mitra_count(self) -> int:
         async with self._connection() as conn:

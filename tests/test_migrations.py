@@ -150,3 +150,6 @@ async def test_hot_queries_use_indexes_on_large_tables(db: asyncpg.Connection) -
     assert "chat_sessions_load_idx" in find and "Seq Scan on chat_sessions" not in find
     count = await _plan(db, truth._COUNT_AVAILABLE, 150.0)
     assert "Seq Scan on chat_sessions" not in count
+    dashboard = await _plan(db, truth._SESSION_COUNTS)
+    for index in ("chat_sessions_load_idx", "chat_sessions_pending_idx"):
+        assert index in dashboard

@@ -97,11 +97,19 @@ def serve(settings: Settings, tmp_path: Path) -> Iterator[object]:
             served.process.wait()
 
 
-def grpcurl(address: str, *args: str, data: dict[str, object] | None = None) -> str:
-    command = [GRPCURL, "-plaintext"]
+def grpcurl(
+    address: str,
+    *args: str,
+    data: dict[str, object] | None = None,
+    options: tuple[str, ...] = (),
+    allow_deadline: bool = False,
+) -> str:
+    command = [GRPCURL, "-plaintext", *options]
     if data is not None:
         command += ["-d", json.dumps(data)]
     result = subprocess.run([*command, address, *args], capture_output=True, text=True, timeout=30)
+    if allow_deadline and "DeadlineExceeded" in result.stderr:
+        return result.stdout
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -123,9 +131,12 @@ async def test_grpcurl_reaches_every_rpc(serve: object, fleet: Fleet) -> None:
     address = served.address
 
     services = grpcurl(address, "list").split()
-    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(
-        services
-    )
+    assert {
+        SERVICE,
+        "availability.v1.DashboardService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= set(services)
     description = grpcurl(address, "describe", SERVICE)
     for rpc in (
         "SetOnline",
@@ -157,6 +168,18 @@ async def test_grpcurl_reaches_every_rpc(serve: object, fleet: Fleet) -> None:
     assert count["available_count"] == 1 and count["online_count"] == 1
     loads = call("RecomputeLoad", mitra_ids=[mitra])["loads"]
     assert loads == [{"mitra_id": mitra}], "load 0 is the proto3 default, omitted in JSON"
+    stats = json.loads(
+        grpcurl(address, "availability.v1.DashboardService/GetDashboardStats", data={})
+    )
+    assert stats["online_mitras"] == "1" and stats["customers_per_mitra"][0]["mitra_id"] == mitra
+    watched = grpcurl(
+        address,
+        "availability.v1.DashboardService/WatchDashboardStats",
+        data={"interval": "1s"},
+        options=("-max-time", "2"),
+        allow_deadline=True,
+    )
+    assert '"online_mitras": "1"' in watched
     assert call("SetOffline", mitra_id=mitra)["status"].get("online") is None  # type: ignore[union-attr]
     deactivated = call("SetMitraActive", mitra_id=mitra, active=False)
     assert deactivated["status"].get("active") is None  # type: ignore[union-attr]

@@ -285,6 +285,9 @@ class AvailabilityMachine(RuleBasedStateMachine):
         assert set(await self.inspect.zrange(k.heartbeats, 0, -1)) == {
             r["id"] for r in rows if r["online"]
         }
+        assert dict(await self.inspect.zrange(k.busy, 0, -1, withscores=True)) == {
+            r["id"]: float(r["load"]) for r in rows if r["online"] and r["is_active"]
+        }
 
     @precondition(lambda self: self.state == "up")
     @rule()

@@ -21,4 +21,5 @@ for _, id in ipairs(stale) do
 end
 local snapshot = available .. ':' .. redis.call('SCARD', ONLINE) .. ':' .. now
 redis.call('SET', BEACON, snapshot, 'PX', ARGV[2])
+redis.call('INCR', BEACON_COMPUTED)
 return snapshot

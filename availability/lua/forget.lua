@@ -16,6 +16,7 @@ for i = 2, #ARGV do
     redis.call('HDEL', DIRTY, id)
     redis.call('ZREM', HEARTBEATS, id)
     redis.call('ZREM', READY, id)
+    redis.call('ZREM', BUSY, id)
     forgotten = forgotten + 1
   end
 end

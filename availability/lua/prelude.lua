@@ -1,7 +1,7 @@
 -- Shared by every script. KEYS are always the whole mirror, in this order:
 local ONLINE, DEACTIVATED, CAPACITY, NAMES, LOADS, HEARTBEATS, READY, VERSIONS, DIRTY, BEACON =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local SYNCED, SEEDED = KEYS[11], KEYS[12]
+local SYNCED, SEEDED, BUSY, BEACON_COMPUTED = KEYS[11], KEYS[12], KEYS[13], KEYS[14]
 
 -- Until a complete seed has written SEEDED (a fresh or restarted Valkey), the mirror is
 -- partial: readers must ask Postgres instead.
@@ -24,9 +24,14 @@ local LOAD_SCALE = 1e10
 local function update_ready(id, now_s)
   local load = tonumber(redis.call('HGET', LOADS, id)) or 0
   local capacity = tonumber(redis.call('HGET', CAPACITY, id)) or 0
-  if redis.call('SISMEMBER', ONLINE, id) == 1
+  local serving = redis.call('SISMEMBER', ONLINE, id) == 1
       and redis.call('SISMEMBER', DEACTIVATED, id) == 0
-      and load < capacity then
+  if serving then
+    redis.call('ZADD', BUSY, load, id)
+  else
+    redis.call('ZREM', BUSY, id)
+  end
+  if serving and load < capacity then
     local score = tonumber(redis.call('ZSCORE', READY, id))
     if score and math.floor(score / LOAD_SCALE) == load then
       return 0
