@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_OUT := availability/v1
 PROTOS := $(wildcard protos/availability/v1/*.proto)
 
-.PHONY: run test lint protos check-protos install clean
+.PHONY: run test lint protos check-protos install clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ lint: $(STAMP)
 
 test: lint check-protos
 	$(BIN)/python -m pytest
+
+# Figures next to the seed's methods, written to bench/RESULTS.md and bench/latency.png.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) build .data

@@ -221,16 +221,27 @@ class Availability:
         meanwhile is not undone. Members the truth does not have are dropped last. Only a
         complete pass marks the mirror seeded (readers of an unseeded mirror use Postgres).
         """
-        count = 0
         drift = Drift()
         known: set[str] = set()
+        serving = deactivated = ready = 0
         snapshot: datetime | None = None
+        applying: asyncio.Task[Drift] | None = None
+        # Valkey applies one batch while Postgres sends the next.
         async for batch in self.truth.all_states():
-            drift += await self.mirror.apply(batch)
-            known.update(str(s.mitra_id) for s in batch)
+            if applying is not None:
+                drift += await applying
+            applying = asyncio.create_task(self.mirror.apply(batch))
+            for s in batch:
+                known.add(str(s.mitra_id))
+                deactivated += not s.active
+                if s.active and s.online:
+                    serving += 1
+                    ready += s.load < s.max_concurrent_sessions
             snapshot = snapshot or batch[0].read_at
-            count += len(batch)
-        extra = sorted((await self.mirror.mitra_ids()) - known)
+        if applying is not None:
+            drift += await applying
+        count = len(known)
+        extra = sorted(await self.mirror.unknown_members(known, serving, deactivated, ready))
         if extra:
             forgotten = await self.mirror.forget(extra, snapshot or datetime.now(UTC))
             drift += Drift(forgotten=forgotten)

@@ -33,6 +33,7 @@ from .model import (
 from .settings import Settings
 
 _APPLY_BATCH = 1000
+_FIELD = "\x1f"  # ASCII unit separator: cannot occur in ids or numbers; names are cleaned of it
 
 
 class MirrorMiss(Exception):
@@ -59,6 +60,7 @@ class Keys:
     seeded: str
     busy: str
     beacon_computed: str
+    flushing: str
     prefix: str
 
     @classmethod
@@ -79,6 +81,7 @@ class Keys:
             seeded=f"{tag}:seeded",
             busy=f"{tag}:busy",
             beacon_computed=f"{tag}:beacon:computed",
+            flushing=f"{tag}:heartbeats:flushing",
             prefix=tag,
         )
 
@@ -102,6 +105,7 @@ class Keys:
             self.seeded,
             self.busy,
             self.beacon_computed,
+            self.flushing,
         ]
 
 
@@ -176,7 +180,8 @@ class Mirror:
         self._count = client.register_script(_script("count"))
         self._dashboard = client.register_script(_script("dashboard"))
         self._stale = client.register_script(_script("stale"))
-        self._acknowledge = client.register_script(_script("acknowledge"))
+        self._take_dirty = client.register_script(_script("take_dirty"))
+        self._release_dirty = client.register_script(_script("release_dirty"))
         self._forget = client.register_script(_script("forget"))
         self._lease = client.register_script(_script("lease", prelude=False))
         self._release = client.register_script(_script("release", prelude=False))
@@ -205,18 +210,22 @@ class Mirror:
         changed = Drift()
         for first in range(0, len(states), _APPLY_BATCH):
             args: list[object] = [self._credit_ms]
-            for s in states[first : first + _APPLY_BATCH]:
-                args += [
-                    str(s.mitra_id),
-                    s.display_name,
-                    s.max_concurrent_sessions,
-                    int(s.active),
-                    int(s.online),
-                    s.version,
-                    s.load,
-                    _ms(s.last_heartbeat_at),
-                    _us(s.read_at),
-                ]
+            args += [
+                _FIELD.join(
+                    (
+                        str(s.mitra_id),
+                        s.display_name.replace(_FIELD, " "),
+                        str(s.max_concurrent_sessions),
+                        "1" if s.active else "0",
+                        "1" if s.online else "0",
+                        str(s.version),
+                        str(s.load),
+                        _ms(s.last_heartbeat_at),
+                        _us(s.read_at),
+                    )
+                )
+                for s in states[first : first + _APPLY_BATCH]
+            ]
             changed += Drift(*await self._run(self._apply, *args))
         return changed
 
@@ -257,35 +266,63 @@ class Mirror:
         reply = await self._run(self._stale, self._stale_ms, limit)
         return int(reply[0]), int(reply[1]), [UUID(i.decode()) for i in reply[2:]]
 
-    async def dirty_heartbeats(self, batch: int = 5000) -> dict[UUID, int]:
-        """Heartbeats not yet flushed to Postgres: id -> Valkey ms. Scanned, never one
-        blocking HGETALL, since all 100,000 can be dirty at once."""
-        found: dict[UUID, int] = {}
-        async for key, value in self.client.hscan_iter(self.keys.dirty, count=batch):
-            found[UUID(key.decode())] = int(value)
+    async def take_dirty_heartbeats(self, epoch: int, batch: int = 10_000) -> dict[str, int]:
+        """The heartbeats recorded since the last flush (id -> Valkey ms), set aside for this
+        flush; heartbeats arriving meanwhile wait for the next one. Scanned, never one
+        blocking HGETALL, since all 100,000 can be there at once."""
+        if not await self._run(self._take_dirty, epoch):
+            return {}
+        found: dict[str, int] = {}
+        async for key, value in self.client.hscan_iter(self.keys.flushing, count=batch):
+            found[key.decode()] = int(value)
+        found.pop("__epoch", None)
         return found
 
-    async def acknowledge_flushed(self, flushed: dict[UUID, int], batch: int = 5000) -> int:
-        items = list(flushed.items())
-        dropped = 0
-        for first in range(0, len(items), batch):
-            args = [x for mitra, ms in items[first : first + batch] for x in (str(mitra), ms)]
-            dropped += int(await self._run(self._acknowledge, *args))
-        return dropped
+    async def release_flushed(self, epoch: int) -> bool:
+        """Drop what this flush (epoch) wrote to Postgres; False if a newer flush took it."""
+        return bool(await self._run(self._release_dirty, epoch))
 
-    async def mitra_ids(self, batch: int = 5000) -> set[str]:
-        """Every member any reader-facing structure holds (garbage included, as text)."""
+    async def unknown_members(
+        self, known: set[str], serving: int, deactivated: int, ready: int, batch: int = 5000
+    ) -> set[str]:
+        """Members of any reader-facing structure that are not in known (garbage included,
+        as text), right after a reconcile wrote every known mitra. serving, deactivated and
+        ready are how many members the truth gives each structure; one that holds no more
+        cannot hold a stranger (every member it should have was just written), so only
+        larger ones are scanned: a reconcile without drift reads no members at all."""
         k = self.keys
-        found: set[bytes] = set()
-        async for key, _value in self.client.hscan_iter(k.capacity, count=batch):
-            found.add(key)
+        expected = {
+            k.capacity: len(known),
+            k.online: serving,
+            k.deactivated: deactivated,
+            k.heartbeats: serving,
+            k.ready: ready,
+            k.busy: serving,
+        }
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hlen(k.capacity)
         for name in (k.online, k.deactivated):
-            async for member in self.client.sscan_iter(name, count=batch):
-                found.add(member)
+            pipe.scard(name)
         for name in (k.heartbeats, k.ready, k.busy):
+            pipe.zcard(name)
+        sizes = dict(zip(expected, await pipe.execute(), strict=True))
+        found: set[str] = set()
+
+        def add(member: bytes) -> None:
+            if (text := member.decode()) not in known:
+                found.add(text)
+
+        larger = {name for name in expected if sizes[name] > expected[name]}
+        if k.capacity in larger:
+            async for key, _value in self.client.hscan_iter(k.capacity, count=batch):
+                add(key)
+        for name in larger & {k.online, k.deactivated}:
+            async for member in self.client.sscan_iter(name, count=batch):
+                add(member)
+        for name in larger & {k.heartbeats, k.ready, k.busy}:
             async for member, _score in self.client.zscan_iter(name, count=batch):
-                found.add(member)
-        return {m.decode() for m in found}
+                add(member)
+        return found
 
     async def forget(self, members: Sequence[str], snapshot: datetime) -> int:
         """Drop members the truth does not have, unless synced since the snapshot."""

@@ -167,17 +167,16 @@ class Sweeps:
         return len(offline)
 
     async def flush_heartbeats(self, epoch: int) -> int:
-        """Heartbeat times from Valkey to last_heartbeat_at, one statement a cycle; only the
-        heartbeats since the last flush, acknowledged only if not replaced meanwhile."""
+        """Heartbeat times from Valkey to last_heartbeat_at, one statement a cycle, only the
+        heartbeats since the last flush. If Postgres fails they stay set aside in Valkey and
+        the next flush merges and retries them."""
         availability = self._availability
-        dirty = await availability.mirror.dirty_heartbeats()
-        if not dirty:
+        taken = await availability.mirror.take_dirty_heartbeats(epoch)
+        if not taken:
             return 0
-        await availability.truth.flush_heartbeats(
-            [(m, datetime.fromtimestamp(ms / 1000, UTC)) for m, ms in dirty.items()]
-        )
-        await availability.mirror.acknowledge_flushed(dirty)
-        return len(dirty)
+        await availability.truth.flush_heartbeats(taken)
+        await availability.mirror.release_flushed(epoch)
+        return len(taken)
 
     async def reconcile(self, epoch: int) -> int:
         mitras, drift = await self._availability.reconcile()

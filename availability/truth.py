@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from importlib import resources
@@ -168,7 +168,10 @@ RETURNING s.mitra_id
 _FLUSH_HEARTBEATS = """
 UPDATE mitra_online_status s
 SET last_heartbeat_at = v.at
-FROM unnest($1::uuid[], $2::timestamptz[]) AS v (mitra_id, at)
+FROM (
+    SELECT mitra_id, 'epoch'::timestamptz + ms * interval '1 millisecond' AS at
+    FROM unnest($1::uuid[], $2::bigint[]) AS u (mitra_id, ms)
+) v
 WHERE s.mitra_id = v.mitra_id
   AND (s.last_heartbeat_at IS NULL OR s.last_heartbeat_at < v.at)
 """
@@ -408,12 +411,13 @@ class Truth:
             rows = await conn.fetch(_TAKE_OFFLINE, list(mitra_ids), fence, epoch)
         return [r["mitra_id"] for r in rows]
 
-    async def flush_heartbeats(self, heartbeats: Sequence[tuple[UUID, datetime]]) -> int:
-        """One statement for the whole batch; never moves a time backwards, so running it
+    async def flush_heartbeats(self, heartbeats: Mapping[str, int]) -> int:
+        """Mitra id (text: asyncpg encodes it to binary without a Python UUID) -> Valkey ms.
+        One statement for the whole batch; it never moves a time backwards, so running it
         twice, late, or from two instances changes nothing more."""
         async with self._connection() as conn:
             status = await conn.execute(
-                _FLUSH_HEARTBEATS, [m for m, _ in heartbeats], [at for _, at in heartbeats]
+                _FLUSH_HEARTBEATS, list(heartbeats.keys()), list(heartbeats.values())
             )
         return _row_count(status)
 

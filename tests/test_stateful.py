@@ -242,6 +242,7 @@ class AvailabilityMachine(RuleBasedStateMachine):
             if self.state == "up":
                 await self.inspect.zadd(self.keys.heartbeats, {str(self.mitras[i]): 1_000}, xx=True)
                 await self.inspect.hdel(self.keys.dirty, str(self.mitras[i]))
+                await self.inspect.hdel(self.keys.flushing, str(self.mitras[i]))
             self.beats[i] = Heartbeats()
 
         if self.state != "paused":

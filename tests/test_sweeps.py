@@ -167,6 +167,7 @@ async def test_flush_never_moves_time_backwards_and_overlapping_instances_agree(
         )
         keys = Keys.for_prefix(settings.valkey_key_prefix)
         expected = {uuid.UUID(k): int(v) for k, v in (await valkey.hgetall(keys.dirty)).items()}
+        assert len(expected) == 50
 
         await asyncio.gather(sweeps_of(one).flush_heartbeats(1), sweeps_of(two).flush_heartbeats(1))
 
@@ -175,6 +176,7 @@ async def test_flush_never_moves_time_backwards_and_overlapping_instances_agree(
         for mitra in mitras[1:]:
             assert int(rows[mitra].timestamp() * 1000) == expected[mitra]
         assert await valkey.hlen(keys.dirty) == 0
+        assert not await valkey.exists(keys.flushing)
 
 
 async def test_flush_keeps_a_heartbeat_that_arrived_during_it(
@@ -186,12 +188,41 @@ async def test_flush_keeps_a_heartbeat_that_arrived_during_it(
     await stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(mitra)))
     availability = server.availability
     assert availability is not None
-    taken = await availability.mirror.dirty_heartbeats()
-    await valkey.hset(keys.dirty, str(mitra), str(taken[mitra] + 5))  # a newer heartbeat
+    taken = await availability.mirror.take_dirty_heartbeats(epoch=1)
+    await stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(mitra)))  # during the flush
 
-    await availability.mirror.acknowledge_flushed(taken)
+    await availability.truth.flush_heartbeats(taken)
+    assert await availability.mirror.release_flushed(epoch=1)
 
-    assert await valkey.hget(keys.dirty, str(mitra)) == str(taken[mitra] + 5)
+    assert await valkey.hexists(keys.dirty, str(mitra)), "left for the next flush"
+    assert not await valkey.exists(keys.flushing)
+
+
+async def test_flush_survives_a_failed_write_and_a_late_former_leader(
+    server: Server, stub: Stub, fleet: Fleet, valkey: redis.Redis, db: asyncpg.Connection
+) -> None:
+    keys = Keys.for_prefix(server.settings.valkey_key_prefix)
+    availability = server.availability
+    assert availability is not None
+    first, second = await fleet.mitra(), await fleet.mitra()
+    for mitra in (first, second):
+        await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    await db.execute("UPDATE mitra_online_status SET last_heartbeat_at = now() - interval '1 hour'")
+    await stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(first)))
+    await availability.mirror.take_dirty_heartbeats(epoch=1)  # then this leader stalls
+    await stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(second)))
+
+    taken = await availability.mirror.take_dirty_heartbeats(epoch=2)  # the new leader
+    assert set(taken) == {str(first), str(second)}, "the stalled batch is merged, not lost"
+    assert not await availability.mirror.release_flushed(epoch=1), "the late leader drops nothing"
+    assert await valkey.exists(keys.flushing)
+    await availability.truth.flush_heartbeats(taken)
+    assert await availability.mirror.release_flushed(epoch=2)
+
+    ages = await db.fetch(
+        "SELECT extract(epoch FROM now() - last_heartbeat_at) FROM mitra_online_status"
+    )
+    assert all(age[0] < 60 for age in ages)
 
 
 async def test_reconcile_heals_every_kind_of_drift(

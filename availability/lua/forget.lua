@@ -14,6 +14,7 @@ for i = 2, #ARGV do
     redis.call('HDEL', VERSIONS, id)
     redis.call('HDEL', SYNCED, id)
     redis.call('HDEL', DIRTY, id)
+    redis.call('HDEL', FLUSHING, id)
     redis.call('ZREM', HEARTBEATS, id)
     redis.call('ZREM', READY, id)
     redis.call('ZREM', BUSY, id)

@@ -2,6 +2,7 @@
 local ONLINE, DEACTIVATED, CAPACITY, NAMES, LOADS, HEARTBEATS, READY, VERSIONS, DIRTY, BEACON =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local SYNCED, SEEDED, BUSY, BEACON_COMPUTED = KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+local FLUSHING = KEYS[15]
 
 -- Until a complete seed has written SEEDED (a fresh or restarted Valkey), the mirror is
 -- partial: readers must ask Postgres instead.
@@ -21,11 +22,15 @@ end
 -- their load last changed (or they came online): least loaded, then longest idle.
 local LOAD_SCALE = 1e10
 
-local function update_ready(id, now_s)
-  local load = tonumber(redis.call('HGET', LOADS, id)) or 0
-  local capacity = tonumber(redis.call('HGET', CAPACITY, id)) or 0
-  local serving = redis.call('SISMEMBER', ONLINE, id) == 1
+-- Keeps READY and BUSY in step with one mitra's state. The caller passes what it already
+-- knows (nil to read it here): load, capacity, and serving (online and not deactivated).
+local function update_ready(id, now_s, load, capacity, serving)
+  load = load or tonumber(redis.call('HGET', LOADS, id)) or 0
+  capacity = capacity or tonumber(redis.call('HGET', CAPACITY, id)) or 0
+  if serving == nil then
+    serving = redis.call('SISMEMBER', ONLINE, id) == 1
       and redis.call('SISMEMBER', DEACTIVATED, id) == 0
+  end
   if serving then
     redis.call('ZADD', BUSY, load, id)
   else
