@@ -40,8 +40,8 @@ check-protos: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/buf lint
-	$(BIN)/ruff check availability tests
-	$(BIN)/ruff format --check availability tests
+	$(BIN)/ruff check availability tests bench
+	$(BIN)/ruff format --check availability tests bench
 	$(BIN)/mypy availability
 
 test: lint check-protos

@@ -10,6 +10,7 @@ from uuid import UUID
 
 from .domain import Availability
 from .errors import TruthUnavailable
+from .mirror import MIRROR_ERRORS
 from .truth import CHANGE_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ class ChangeListener:
         self._pending: set[UUID] = set()
         self._wake = asyncio.Event()
         self.resyncs = 0
+        self.reconnects = 0
         self.connected = asyncio.Event()
 
     def _notified(self, payload: str) -> None:
@@ -43,18 +45,24 @@ class ChangeListener:
         while True:
             try:
                 async with self._availability.truth.listen(CHANGE_CHANNEL, self._notified) as conn:
+                    conn.add_termination_listener(lambda _conn: self._wake.set())
                     if not first:
-                        await self._availability.reconcile()
-                        log.info("change listener reconnected; mirror reseeded")
+                        self.reconnects += 1
+                        try:
+                            await self._availability.reconcile()
+                            log.info("change listener reconnected; mirror reconciled")
+                        except MIRROR_ERRORS as exc:
+                            log.warning("change listener reconnected; reconcile failed (%r)", exc)
                     first = False
                     failures = 0
                     self.connected.set()
-                    while True:
+                    while not conn.is_closed():
                         await self._resync_pending()
                         try:
                             await asyncio.wait_for(self._wake.wait(), _KEEPALIVE_SECONDS)
                         except TimeoutError:
                             await conn.execute("SELECT 1", timeout=_KEEPALIVE_SECONDS)
+                    raise ConnectionError("the LISTEN connection closed")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure of the connection: log, back off, reconnect

@@ -122,19 +122,36 @@ SELECT count(*) FILTER (WHERE {_IS_AVAILABLE})::int AS available,
 
 _NOW = "SELECT now()"
 
-# One round trip; each count is an index-only scan of a partial or ranged index.
+# One round trip. Active and pending are index-only scans of small partial indexes; the
+# sensitive and 30-day counts add up chat_session_days, plus the sessions of the boundary
+# day itself counted from the created_at index (the boundary is a time, not a day).
 _SESSION_COUNTS = """
+WITH bound AS (
+    SELECT now() - interval '30 days' AS since,
+           ((now() - interval '30 days') AT TIME ZONE 'UTC')::date AS first_day
+),
+boundary_day AS (
+    SELECT count(*) AS sessions,
+           count(*) FILTER (WHERE c.topic_sensitivity = 'sensitive') AS sensitive
+    FROM chat_sessions c, bound
+    WHERE c.created_at >= bound.since
+      AND c.created_at < (bound.first_day + 1)::timestamp AT TIME ZONE 'UTC'
+),
+later_days AS (
+    SELECT coalesce(sum(d.sessions), 0) AS sessions,
+           coalesce(sum(d.sessions) FILTER (WHERE d.sensitive), 0) AS sensitive
+    FROM chat_session_days d, bound
+    WHERE d.day > bound.first_day
+)
 SELECT
     (SELECT count(*) FROM chat_sessions
      WHERE status IN ('active', 'pending_payment')) AS active_chats,
     (SELECT count(*) FROM chat_sessions
      WHERE status IN ('searching', 'pending_acceptance')) AS pending_requests,
-    (SELECT count(*) FROM chat_sessions WHERE topic_sensitivity = 'sensitive') AS sensitive_total,
-    (SELECT count(*) FROM chat_sessions
-     WHERE created_at >= now() - interval '30 days') AS last_30d_total,
-    (SELECT count(*) FROM chat_sessions
-     WHERE created_at >= now() - interval '30 days'
-       AND topic_sensitivity = 'sensitive') AS last_30d_sensitive
+    (SELECT coalesce(sum(sessions), 0) FROM chat_session_days WHERE sensitive) AS sensitive_total,
+    (SELECT sessions FROM boundary_day) + (SELECT sessions FROM later_days) AS last_30d_total,
+    (SELECT sensitive FROM boundary_day) + (SELECT sensitive FROM later_days)
+        AS last_30d_sensitive
 """
 
 _BUSIEST = """

@@ -16,7 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +27,7 @@ import redis.asyncio as redis
 from availability.domain import Availability
 from availability.mirror import Keys, Mirror, connect_valkey
 from availability.settings import Settings
-from availability.sweeps import AUTO_OFFLINE, Sweeps
+from availability.sweeps import Sweeps
 from availability.truth import Truth
 
 from .common import Row, median_ms, progress, timed_s
@@ -169,7 +169,7 @@ async def bench_auto_offline(base: Stores, small: int, large: int) -> list[Row]:
                 await availability.mirror.client.zadd(
                     keys.heartbeats, {str(m): 1000 for m in stale}
                 )
-                samples.append(await timed_s(lambda: sweeps.auto_offline(1)))
+                samples.append(await timed_s(lambda s=sweeps: s.auto_offline(1)))
                 for m in stale:
                     await availability.set_online(m)
             timings[online] = sorted(samples)[len(samples) // 2]
@@ -235,11 +235,11 @@ async def bench_dashboard(base: Stores, sessions: int, runs: int) -> list[Row]:
         await db.execute(
             """
             INSERT INTO chat_sessions (mitra_id, customer_id, status, topic_sensitivity, created_at)
-            SELECT (SELECT id FROM mitras OFFSET (g % 10000) LIMIT 1) , gen_random_uuid(),
+            SELECT ids[1 + g % cardinality(ids)], gen_random_uuid(),
                    (ARRAY['ended','ended','ended','expired','cancelled','searching'])[1 + g % 6],
                    CASE WHEN g % 5 = 0 THEN 'sensitive' ELSE 'normal' END,
                    now() - (g % 90) * interval '1 day'
-            FROM generate_series(1, $1) g
+            FROM (SELECT array_agg(id) AS ids FROM mitras) m, generate_series(1, $1) g
             """,
             sessions,
         )
@@ -346,7 +346,8 @@ async def bench_find(
             ids = await online_fleet(db, size)
             loads = dict(
                 await db.fetch(
-                    "SELECT mitra_id, count(*) FROM chat_sessions WHERE status = 'active' GROUP BY 1"
+                    "SELECT mitra_id, count(*) FROM chat_sessions"
+                    " WHERE status = 'active' GROUP BY 1"
                 )
             )
             await db.close()

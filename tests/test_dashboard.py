@@ -296,3 +296,40 @@ async def test_trigger_keeps_dashboard_loads_current(
         return reply.customers_per_mitra[0].active_session_count == 1
 
     await eventually(counted, timeout=5)
+
+
+async def test_day_counts_follow_updates_deletes_and_truncate(
+    settings: Settings,
+    stub: pb_grpc.AvailabilityServiceStub,
+    fleet: Fleet,
+    reference_pool: asyncpg.Pool,
+    db: asyncpg.Connection,
+) -> None:
+    await arrange_city(fleet, stub)
+    await db.execute(
+        "UPDATE chat_sessions SET topic_sensitivity = 'sensitive' WHERE status = 'searching'"
+    )
+    await db.execute(
+        "UPDATE chat_sessions SET created_at = now() - interval '45 days'"
+        " WHERE status = 'pending_payment'"
+    )
+    await db.execute("UPDATE chat_sessions SET created_at = now() WHERE status = 'expired'")
+    await db.execute(
+        "DELETE FROM chat_sessions WHERE status = 'ended' AND topic_sensitivity = 'sensitive'"
+    )
+
+    async def matches() -> bool:
+        async with (
+            running(settings) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            reply = await dpb_grpc.DashboardServiceStub(channel).GetDashboardStats(
+                dpb.GetDashboardStatsRequest()
+            )
+        expected = await seed_dashboard(reference_pool)
+        return as_reference(reply)["sensitive"] == expected["sensitive"]
+
+    assert await matches()
+    await db.execute("TRUNCATE chat_sessions")
+    assert await matches()
+    assert await db.fetchval("SELECT count(*) FROM chat_session_days") == 0

@@ -130,9 +130,9 @@ async def test_hot_queries_use_indexes_on_large_tables(db: asyncpg.Connection) -
     )
     await db.execute(
         "INSERT INTO chat_sessions (mitra_id, customer_id, status, created_at)"
-        " SELECT (SELECT id FROM mitras OFFSET (g % 5000) LIMIT 1), gen_random_uuid(),"
-        " CASE WHEN g % 100 = 0 THEN 'active' ELSE 'ended' END, now()"
-        " FROM generate_series(1, 200000) g"
+        " SELECT ids[1 + g % 5000], gen_random_uuid(),"
+        " CASE WHEN g % 100 = 0 THEN 'active' ELSE 'ended' END, now() - (g % 60) * interval '1 day'"
+        " FROM (SELECT array_agg(id) AS ids FROM mitras) m, generate_series(1, 200000) g"
     )
     await db.execute(
         "INSERT INTO auth_sessions (mitra_id, revoked_at)"

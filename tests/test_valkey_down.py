@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import grpc
 import pytest
-from availability.local_stores import LocalValkey
 
+from availability.local_stores import LocalValkey
 from availability.server import Server
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
