@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,11 @@ def _map_errors(method: str, behavior: Unary) -> Unary:
     return mapped
 
 
-def _map_stream_errors(method: str, behavior: Streaming) -> Streaming:
+def _map_stream_errors(method: str, behavior: Streaming) -> Streaming | Unary:
+    if not inspect.isasyncgenfunction(behavior):
+        # A handler that streams with context.write (grpc's own health Watch) is a coroutine.
+        return _map_errors(method, behavior)  # type: ignore[arg-type]
+
     async def mapped(request: Any, context: Context) -> AsyncIterator[Any]:
         try:
             async for reply in behavior(request, context):

@@ -86,6 +86,7 @@ async def test_listener_reconnects_after_a_postgres_restart(
     await db.close()
     async with running(own_database) as server:
         assert server.listener is not None
+        await asyncio.wait_for(server.listener.connected.wait(), 30)
         own_postgres.kill()
         own_postgres.start()
         restarted = time.monotonic()
