@@ -58,8 +58,11 @@ class ChangeListener:
                     self.connected.set()
                     while not conn.is_closed():
                         await self._resync_pending()
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                        # cancellation that races the wake-up, and shutdown would hang.
                         try:
-                            await asyncio.wait_for(self._wake.wait(), _KEEPALIVE_SECONDS)
+                            async with asyncio.timeout(_KEEPALIVE_SECONDS):
+                                await self._wake.wait()
                         except TimeoutError:
                             await conn.execute("SELECT 1", timeout=_KEEPALIVE_SECONDS)
                     raise ConnectionError("the LISTEN connection closed")

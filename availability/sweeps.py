@@ -191,7 +191,8 @@ class Sweeps:
         While seeded, resync the mitras whose mirror write failed during a hiccup."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), 1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: see listener.py
+                    await self._connected.wait()
             self._connected.clear()
             try:
                 if await self._availability.mirror.is_seeded():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -322,7 +323,12 @@ class Truth:
         return cls(pool, settings)
 
     async def close(self) -> None:
-        await self._pool.close()
+        """Close gracefully, but never hang a shutdown on a connection stuck in a query."""
+        try:
+            await asyncio.wait_for(self._pool.close(), self._settings.database_timeout_seconds)
+        except TimeoutError:
+            log.warning("Postgres pool did not close in time; terminating its connections")
+            self._pool.terminate()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[_Connectionish]:

@@ -104,10 +104,16 @@ class AvailabilityMachine(RuleBasedStateMachine):
 
         async def close() -> None:
             if hasattr(self, "server"):
-                await self.channel.close()
-                await self.server.stop(grace=0.5)
-                await self.inspect.aclose()
-                await self.db.close()
+                for step, closing in (
+                    ("channel", self.channel.close()),
+                    ("server", self.server.stop(grace=0.5)),
+                    ("inspection client", self.inspect.aclose()),
+                    ("database", self.db.close()),
+                ):
+                    try:
+                        await asyncio.wait_for(closing, 30)
+                    except TimeoutError:
+                        raise AssertionError(f"closing the {step} hung") from None
 
         self.run(close())
         self.loop.close()
