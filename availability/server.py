@@ -9,7 +9,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from types import FrameType
 
 import grpc
@@ -36,6 +36,7 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["AvailabilityService"].full_name,
     dashboard_pb.DESCRIPTOR.services_by_name["DashboardService"].full_name,
 )
+_STEP_SECONDS = 5.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -111,21 +112,34 @@ class Server:
             await self.health.set(name, status)
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop taking calls, let in-flight ones finish, stop tasks, close pools."""
-        await self.health.enter_graceful_shutdown()
+        """Stop taking calls, let in-flight ones finish, stop tasks, close pools. Each step
+        is bounded, so a stuck one is logged by name and shutdown still completes."""
+        await self._step("health", self.health.enter_graceful_shutdown())
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await self._step("draining calls", self._grpc.stop(grace), grace + _STEP_SECONDS)
         if self.sweeps is not None:
-            await self.sweeps.stop()
+            await self._step("sweeps", self.sweeps.stop())
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await self._step(task.get_name(), _finished(task))
         self._tasks.clear()
         if self.availability is not None:
-            await self.availability.mirror.close()
-            await self.availability.truth.close()
+            await self._step("Valkey client", self.availability.mirror.close())
+            await self._step("Postgres pool", self.availability.truth.close())
+
+    @staticmethod
+    async def _step(name: str, step: Awaitable[object], seconds: float = _STEP_SECONDS) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await step
+        except TimeoutError:
+            log.error("shutdown: %s did not finish within %.0fs; going on", name, seconds)
+
+
+async def _finished(task: asyncio.Task[None]) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @contextlib.asynccontextmanager

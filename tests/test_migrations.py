@@ -4,6 +4,7 @@ contract tables exist as written; every hot query is served by an index."""
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import replace
 
 import asyncpg
@@ -30,10 +31,11 @@ async def test_migrate_is_idempotent_and_concurrent_safe(
 async def test_migrate_from_scratch_applies_all_once(
     settings: Settings, postgres_admin_dsn: str
 ) -> None:
+    fresh_name = f"availability_fresh_{os.getpid()}"
     admin = await asyncpg.connect(postgres_admin_dsn)
-    await admin.execute('DROP DATABASE IF EXISTS "availability_fresh" WITH (FORCE)')
-    await admin.execute('CREATE DATABASE "availability_fresh"')
-    url = postgres_admin_dsn.rpartition("/")[0] + "/availability_fresh"
+    await admin.execute(f'DROP DATABASE IF EXISTS "{fresh_name}" WITH (FORCE)')
+    await admin.execute(f'CREATE DATABASE "{fresh_name}"')
+    url = postgres_admin_dsn.rpartition("/")[0] + f"/{fresh_name}"
     try:
         fresh = replace(settings, database_url=url, default_max_concurrent_sessions=5)
         truths = [await Truth.connect(fresh) for _ in range(2)]
@@ -52,7 +54,7 @@ async def test_migrate_from_scratch_applies_all_once(
             await conn.close()
         assert default == 5, "max_concurrent_sessions defaults from config"
     finally:
-        await admin.execute('DROP DATABASE IF EXISTS "availability_fresh" WITH (FORCE)')
+        await admin.execute(f'DROP DATABASE IF EXISTS "{fresh_name}" WITH (FORCE)')
         await admin.close()
 
 
