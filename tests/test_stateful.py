@@ -9,6 +9,7 @@ reconcile the mirror equals Postgres exactly.
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any
@@ -39,6 +40,7 @@ from availability.v1 import availability_pb2_grpc as pb_grpc
 from .helpers import eventually
 
 MITRAS = 4
+STEP_SECONDS = 60
 CAPACITY = 2
 
 
@@ -54,10 +56,13 @@ class Heartbeats:
 class AvailabilityMachine(RuleBasedStateMachine):
     base: Settings
     valkey: LocalValkey
+    # One loop for every example, as a process has in production: a new loop per example
+    # makes grpc.aio rebind its poller each time.
+    shared_loop: asyncio.AbstractEventLoop
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
+        self.loop = self.shared_loop
         self.settings = replace(
             self.base,
             valkey_url=self.valkey.url,
@@ -70,7 +75,18 @@ class AvailabilityMachine(RuleBasedStateMachine):
         self.sessions: dict[uuid.UUID, uuid.UUID] = {}
 
     def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(coro)
+        """Run one step; a step stuck for a minute fails with every task's stack printed."""
+
+        async def bounded() -> Any:
+            try:
+                async with asyncio.timeout(STEP_SECONDS):
+                    return await coro
+            except TimeoutError:
+                for task in asyncio.all_tasks():
+                    task.print_stack(file=sys.stderr)
+                raise AssertionError(f"a step took more than {STEP_SECONDS}s") from None
+
+        return self.loop.run_until_complete(bounded())
 
     @initialize()
     def start(self) -> None:
@@ -116,7 +132,6 @@ class AvailabilityMachine(RuleBasedStateMachine):
                         raise AssertionError(f"closing the {step} hung") from None
 
         self.run(close())
-        self.loop.close()
 
     async def call(self, method: str, request: Any) -> tuple[Any, grpc.StatusCode]:
         try:
@@ -379,10 +394,11 @@ def test_service_answers_follow_truth_through_random_histories(
 ) -> None:
     AvailabilityMachine.base = settings
     AvailabilityMachine.valkey = own_valkey
-    run_state_machine_as_test(
-        AvailabilityMachine,
-        settings=settings_for_ci(),
-    )
+    AvailabilityMachine.shared_loop = asyncio.new_event_loop()
+    try:
+        run_state_machine_as_test(AvailabilityMachine, settings=settings_for_ci())
+    finally:
+        AvailabilityMachine.shared_loop.close()
 
 
 def settings_for_ci() -> Any:
