@@ -189,9 +189,6 @@ class Mirror:
     async def _run(self, script: Any, *args: object) -> Any:
         return await script(keys=self._all_keys, args=list(args))
 
-    async def ping(self) -> None:
-        await self.client.ping()
-
     async def close(self) -> None:
         await self.client.aclose()
 

@@ -72,8 +72,16 @@ class Settings:
                     raise SettingsError(f"{name} is required")
                 continue
             values[field.name] = _parse(name, raw, _PARSERS.get(field.name, str))
+        for name in _NOT_YET:
+            if env.get(name):
+                raise SettingsError(
+                    f"{name} is not supported by this version; refusing to start rather than "
+                    "run without what it asks for"
+                )
         settings = cls(**values)
         settings._validate()
+        if settings.valkey_cluster:
+            raise SettingsError("VALKEY_CLUSTER=true is not supported by this version yet")
         return settings
 
     def _validate(self) -> None:
@@ -116,6 +124,11 @@ class Settings:
             )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+
+
+# Settings of API.md that later versions honour. Until then, setting one stops start-up:
+# silently serving without the authentication or TLS it asks for would be worse.
+_NOT_YET = ("AUTH_TOKENS", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE")
 
 
 def _parse(name: str, raw: str, parser: Callable[[str], T]) -> T:

@@ -551,8 +551,3 @@ def _migrations() -> list[tuple[str, str]]:
     folder = resources.files("availability") / "migrations"
     files = sorted((f.name, f) for f in folder.iterdir() if f.name.endswith(".sql"))
     return [(name, f.read_text(encoding="utf-8")) for name, f in files]
-
-
-def unreachable(exc: BaseException) -> bool:
-    """Whether exc means Postgres is not there (for callers holding raw asyncpg errors)."""
-    return isinstance(exc, _UNREACHABLE)

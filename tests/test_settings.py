@@ -29,13 +29,13 @@ def test_values_are_parsed_by_name() -> None:
         {
             **BASE,
             "HEARTBEAT_STALE_SECONDS": "45",
-            "VALKEY_CLUSTER": "true",
+            "VALKEY_CLUSTER": "false",
             "VALKEY_URL": "valkey://cache:6379",
             "VALKEY_KEY_PREFIX": "city-a",
         }
     )
     assert settings.heartbeat_stale_seconds == 45
-    assert settings.valkey_cluster
+    assert not settings.valkey_cluster
     assert settings.valkey_key_prefix == "city-a"
 
 
@@ -86,3 +86,12 @@ def test_serve_with_bad_setting_exits_with_one_line() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "HEARTBEAT_STALE_SECONDS" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("AUTH_TOKENS", "secret"), ("TLS_CERT_FILE", "/x.pem"), ("VALKEY_CLUSTER", "true")],
+)
+def test_settings_this_version_cannot_honour_stop_start_up(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({**BASE, name: value})
