@@ -39,7 +39,8 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (*MIRROR_ERRORS, TruthUnavailabl
 
 @dataclass
 class Counters:
-    """Things an operator wants counted; the metrics endpoint reads these."""
+    """Counted for operators: fallbacks and failed mirror writes, by path (exported as
+    metrics once the service has a metrics endpoint)."""
 
     fallbacks: dict[str, int] = field(default_factory=dict)
     mirror_write_errors: dict[str, int] = field(default_factory=dict)
