@@ -144,13 +144,11 @@ class Availability:
             return await self.truth.record_heartbeat(mitra_id)
         if outcome is HeartbeatOutcome.DEACTIVATED:
             raise HeartbeatRefused(mitra_id)
-        if outcome is HeartbeatOutcome.UNSEEDED:
-            Counters.bump(self.counters.fallbacks, "heartbeat")
-            return await self.truth.record_heartbeat(mitra_id)
-        if outcome is HeartbeatOutcome.UNKNOWN:
+        if outcome in (HeartbeatOutcome.UNSEEDED, HeartbeatOutcome.UNKNOWN):
             Counters.bump(self.counters.fallbacks, "heartbeat")
             online = await self.truth.record_heartbeat(mitra_id)
-            await self.resync([mitra_id])
+            if outcome is HeartbeatOutcome.UNKNOWN:
+                await self.resync([mitra_id])
             return online
         return outcome is HeartbeatOutcome.RECORDED
 

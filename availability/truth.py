@@ -30,25 +30,23 @@ _MIGRATION_LOCK = 0x6D69747261  # "mitra": one advisory lock id for every instan
 
 _LOAD = "c.status IN ('active', 'pending_payment')"
 
-_STATE_COLUMNS = f"""
+# Every column of a MitraState but load and read time, which each query derives its own way.
+_STATE_COLUMNS = """
     m.id, coalesce(m.display_name, '') AS display_name, m.is_active,
     m.max_concurrent_sessions, coalesce(s.is_online, false) AS is_online,
-    s.last_heartbeat_at, coalesce(s.version, 0) AS version,
-    (SELECT count(*) FROM chat_sessions c WHERE c.mitra_id = m.id AND {_LOAD})::int AS load,
-    statement_timestamp() AS read_at
+    s.last_heartbeat_at, coalesce(s.version, 0) AS version
 """
 
 _STATES_BY_ID = f"""
-SELECT {_STATE_COLUMNS}
+SELECT {_STATE_COLUMNS},
+    (SELECT count(*) FROM chat_sessions c WHERE c.mitra_id = m.id AND {_LOAD})::int AS load,
+    statement_timestamp() AS read_at
 FROM mitras m LEFT JOIN mitra_online_status s ON s.mitra_id = m.id
 WHERE m.id = ANY($1::uuid[])
 """
 
-_ALL_STATES = """
-SELECT m.id, coalesce(m.display_name, '') AS display_name, m.is_active,
-       m.max_concurrent_sessions, coalesce(s.is_online, false) AS is_online,
-       s.last_heartbeat_at, coalesce(s.version, 0) AS version,
-       coalesce(l.load, 0)::int AS load, now() AS read_at
+_ALL_STATES = f"""
+SELECT {_STATE_COLUMNS}, coalesce(l.load, 0)::int AS load, now() AS read_at
 FROM mitras m
 LEFT JOIN mitra_online_status s ON s.mitra_id = m.id
 LEFT JOIN (

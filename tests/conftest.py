@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
@@ -201,11 +201,6 @@ async def server_on_own_valkey(
 ) -> AsyncIterator[Server]:
     async with running(replace(settings, valkey_url=own_valkey.url)) as started:
         yield started
-
-
-def rpc_error(exc_info: Any) -> grpc.aio.AioRpcError:
-    error: grpc.aio.AioRpcError = exc_info.value
-    return error
 
 
 @pytest.fixture
