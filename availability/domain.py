@@ -26,6 +26,7 @@ from .model import (
 )
 from .settings import Settings
 from .truth import Truth
+from .watch import WatchHub
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Availability:
         self.unmirrored: set[UUID] = set()
         self._beacon: Coalesced[None, AvailabilityCount] = Coalesced()
         self.dashboards: Coalesced[int, DashboardStats] = Coalesced()
+        self.watch_hub = WatchHub(mirror, settings)
 
     async def _read(
         self,

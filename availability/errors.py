@@ -32,3 +32,8 @@ class TruthUnavailable(AvailabilityError):
 
     def __init__(self, cause: BaseException) -> None:
         super().__init__(f"database unavailable: {type(cause).__name__}: {cause}".rstrip(": "))
+
+
+class WatchInterrupted(AvailabilityError):
+    """A watch cannot go on here (the Valkey mirror is lost, or this server is stopping);
+    the caller resumes by revision, here or on another instance."""

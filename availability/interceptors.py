@@ -16,6 +16,7 @@ from .errors import (
     MitraDeactivated,
     MitraNotFound,
     TruthUnavailable,
+    WatchInterrupted,
 )
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ _CODES: tuple[tuple[type[AvailabilityError], grpc.StatusCode], ...] = (
     (HeartbeatRefused, grpc.StatusCode.PERMISSION_DENIED),
     (MitraDeactivated, grpc.StatusCode.FAILED_PRECONDITION),
     (TruthUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (WatchInterrupted, grpc.StatusCode.UNAVAILABLE),
 )
 
 

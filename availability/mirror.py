@@ -22,18 +22,26 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .model import (
+    AvailabilityChange,
     AvailabilityCount,
+    AvailabilitySnapshot,
     AvailableMitra,
+    ChangeKind,
     Drift,
     MitraLoad,
     MitraState,
     MitraStatus,
     Source,
+    UnavailableReason,
 )
 from .settings import Settings
 
 _APPLY_BATCH = 1000
 _FIELD = "\x1f"  # ASCII unit separator: cannot occur in ids or numbers; names are cleaned of it
+_EXPIRE_BATCH = 10_000
+WATCH_BLOCK_SECONDS = 1.0
+_KINDS = {b"a": ChangeKind.AVAILABLE, b"u": ChangeKind.UNAVAILABLE, b"l": ChangeKind.LOAD_CHANGED}
+_REASONS = {reason.value.encode(): reason for reason in UnavailableReason}
 
 
 class MirrorMiss(Exception):
@@ -61,6 +69,10 @@ class Keys:
     busy: str
     beacon_computed: str
     flushing: str
+    published: str
+    revision: str
+    events: str
+    checked: str
     prefix: str
 
     @classmethod
@@ -82,6 +94,10 @@ class Keys:
             busy=f"{tag}:busy",
             beacon_computed=f"{tag}:beacon:computed",
             flushing=f"{tag}:heartbeats:flushing",
+            published=f"{tag}:watch:available",
+            revision=f"{tag}:watch:revision",
+            events=f"{tag}:watch:events",
+            checked=f"{tag}:watch:checked",
             prefix=tag,
         )
 
@@ -106,6 +122,10 @@ class Keys:
             self.busy,
             self.beacon_computed,
             self.flushing,
+            self.published,
+            self.revision,
+            self.events,
+            self.checked,
         ]
 
 
@@ -137,11 +157,27 @@ def _time(ms: float) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-def connect_valkey(settings: Settings, on_connect: Callable[[], None] | None = None) -> redis.Redis:
+def _change(entry_id: bytes, payload: bytes) -> AvailabilityChange:
+    kind, reason, mitra_id, load, capacity, name = payload.split(b"\x1f", 5)
+    return AvailabilityChange(
+        revision=int(entry_id.split(b"-", 1)[0]),
+        kind=_KINDS[kind],
+        mitra=AvailableMitra(UUID(mitra_id.decode()), name.decode(), int(load), int(capacity)),
+        reason=_REASONS.get(reason),
+    )
+
+
+def connect_valkey(
+    settings: Settings,
+    on_connect: Callable[[], None] | None = None,
+    *,
+    blocking_seconds: float = 0.0,
+) -> redis.Redis:
     """A client that fails fast: no retries or backoff, since every caller has a fallback.
 
     on_connect runs after every new connection, so a restarted Valkey is noticed the moment
-    the client reaches it again.
+    the client reaches it again. blocking_seconds extends the read timeout for a client
+    whose commands block on purpose (XREAD BLOCK).
     """
 
     async def connected(connection: Connection) -> None:
@@ -154,7 +190,7 @@ def connect_valkey(settings: Settings, on_connect: Callable[[], None] | None = N
     )
     client: redis.Redis = redis.Redis.from_url(
         url,
-        socket_timeout=settings.valkey_timeout_seconds,
+        socket_timeout=settings.valkey_timeout_seconds + blocking_seconds,
         socket_connect_timeout=settings.valkey_timeout_seconds,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
@@ -168,11 +204,14 @@ class Mirror:
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.client = client
+        # XREAD BLOCK holds its connection: the watch hub gets a client of its own.
+        self._reader = connect_valkey(settings, blocking_seconds=WATCH_BLOCK_SECONDS)
         self.keys = Keys.for_prefix(settings.valkey_key_prefix)
         self._all_keys = self.keys.all()
         self._stale_ms = int(settings.heartbeat_stale_seconds * 1000)
         self._credit_ms = int(settings.heartbeat_mirror_interval_seconds * 1000)
         self._beacon_ttl_ms = int(settings.beacon_shared_seconds * 1000)
+        self._retain = settings.watch_retained_changes
         self._heartbeat = client.register_script(_script("heartbeat"))
         self._apply = client.register_script(_script("apply"))
         self._status = client.register_script(_script("status"))
@@ -185,12 +224,15 @@ class Mirror:
         self._forget = client.register_script(_script("forget"))
         self._lease = client.register_script(_script("lease", prelude=False))
         self._release = client.register_script(_script("release", prelude=False))
+        self._watch_expire = client.register_script(_script("watch_expire"))
+        self._watch_snapshot = client.register_script(_script("watch_snapshot"))
 
     async def _run(self, script: Any, *args: object) -> Any:
         return await script(keys=self._all_keys, args=list(args))
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self._reader.aclose()
 
     async def is_seeded(self) -> bool:
         return bool(await self.client.exists(self.keys.seeded))
@@ -199,14 +241,16 @@ class Mirror:
         await self.client.set(self.keys.seeded, "1")
 
     async def heartbeat(self, mitra_id: UUID) -> HeartbeatOutcome:
-        return HeartbeatOutcome(int(await self._run(self._heartbeat, str(mitra_id))))
+        return HeartbeatOutcome(
+            int(await self._run(self._heartbeat, self._stale_ms, self._retain, str(mitra_id)))
+        )
 
     async def apply(self, states: Sequence[MitraState]) -> Drift:
         """Mirror states read from the truth (write-through, resync and reconcile all use this);
         returns what changed."""
         changed = Drift()
         for first in range(0, len(states), _APPLY_BATCH):
-            args: list[object] = [self._credit_ms]
+            args: list[object] = [self._stale_ms, self._retain, self._credit_ms]
             args += [
                 _FIELD.join(
                     (
@@ -295,6 +339,7 @@ class Mirror:
             k.heartbeats: serving,
             k.ready: ready,
             k.busy: serving,
+            k.published: ready,
         }
         pipe = self.client.pipeline(transaction=False)
         pipe.hlen(k.capacity)
@@ -302,6 +347,7 @@ class Mirror:
             pipe.scard(name)
         for name in (k.heartbeats, k.ready, k.busy):
             pipe.zcard(name)
+        pipe.hlen(k.published)
         sizes = dict(zip(expected, await pipe.execute(), strict=True))
         found: set[str] = set()
 
@@ -310,8 +356,8 @@ class Mirror:
                 found.add(text)
 
         larger = {name for name in expected if sizes[name] > expected[name]}
-        if k.capacity in larger:
-            async for key, _value in self.client.hscan_iter(k.capacity, count=batch):
+        for name in larger & {k.capacity, k.published}:
+            async for key, _value in self.client.hscan_iter(name, count=batch):
                 add(key)
         for name in larger & {k.online, k.deactivated}:
             async for member in self.client.sscan_iter(name, count=batch):
@@ -327,7 +373,9 @@ class Mirror:
         ids = list(members)
         for first in range(0, len(ids), _APPLY_BATCH):
             chunk = ids[first : first + _APPLY_BATCH]
-            forgotten += int(await self._run(self._forget, _us(snapshot), *chunk))
+            forgotten += int(
+                await self._run(self._forget, self._stale_ms, self._retain, _us(snapshot), *chunk)
+            )
         return forgotten
 
     async def take_lease(self, name: str, owner: str, ttl_seconds: float) -> int:
@@ -338,6 +386,43 @@ class Mirror:
 
     async def release_lease(self, name: str, owner: str) -> None:
         await self._release(keys=self.keys.lease(name)[:1], args=[owner])
+
+    async def expire_stale(self) -> int:
+        """Publish the mitras that went stale since any instance last asked; returns how many."""
+        return int(await self._run(self._watch_expire, self._stale_ms, self._retain, _EXPIRE_BATCH))
+
+    async def watch_snapshot(self) -> tuple[AvailabilitySnapshot, list[AvailabilityChange]]:
+        """Every published mitra at the current revision, and the retained changes up to it
+        (oldest first): where a watch hub starts."""
+        revision, published, retained = await self._run(self._watch_snapshot, self._retain)
+        mitras = []
+        for i in range(0, len(published), 2):
+            load, capacity, name = published[i + 1].split(b"\x1f", 2)
+            mitras.append(
+                AvailableMitra(UUID(published[i].decode()), name.decode(), int(load), int(capacity))
+            )
+        mitras.sort(key=lambda m: (m.load, str(m.mitra_id)))
+        changes = [_change(entry_id, fields[1]) for entry_id, fields in reversed(retained)]
+        return AvailabilitySnapshot(int(revision), tuple(mitras)), changes
+
+    async def read_changes(
+        self, after: int, block_seconds: float = WATCH_BLOCK_SECONDS, count: int = 1000
+    ) -> list[AvailabilityChange]:
+        """Changes after a revision, oldest first; waits up to block_seconds for the first."""
+        reply: Any = await self._reader.xread(
+            {self.keys.events: f"{after}-0"}, count=count, block=int(block_seconds * 1000)
+        )
+        if not reply:
+            return []
+        return [_change(entry_id, fields[b"e"]) for entry_id, fields in reply[0][1]]
+
+    async def watch_position(self) -> tuple[bool, int]:
+        """(seeded, current revision or 0): how a hub notices a flushed or replaced Valkey."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(self.keys.seeded)
+        pipe.get(self.keys.revision)
+        seeded, revision = await pipe.execute()
+        return bool(seeded), int(revision or 0)
 
     async def busiest(self, limit: int) -> tuple[int, list[MitraLoad]]:
         """(online count, the `limit` busiest online mitras), one round trip."""

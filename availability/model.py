@@ -132,3 +132,36 @@ class DashboardStats:
             and self.online_mitras == other.online_mitras
             and self.customers_per_mitra == other.customers_per_mitra
         )
+
+
+class ChangeKind(enum.Enum):
+    AVAILABLE = "available"
+    UNAVAILABLE = "unavailable"
+    LOAD_CHANGED = "load_changed"
+
+
+class UnavailableReason(enum.Enum):
+    OFFLINE = "offline"
+    STALE = "stale"
+    DEACTIVATED = "deactivated"
+    FULL = "full"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True, slots=True)
+class AvailabilityChange:
+    """One mitra's availability changed; revisions increase by one per change, cluster-wide."""
+
+    revision: int
+    kind: ChangeKind
+    mitra: AvailableMitra
+    """As it is now; for UNAVAILABLE, as it was last known."""
+    reason: UnavailableReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AvailabilitySnapshot:
+    """Every available mitra as of a revision, least loaded first."""
+
+    revision: int
+    mitras: tuple[AvailableMitra, ...]

@@ -89,6 +89,7 @@ class Server:
             log.info("mirror seeded with %d mitras (%d changes)", seeded, drift.total)
         except MIRROR_ERRORS as exc:
             log.warning("Valkey unavailable at start-up (%s); serving from Postgres", exc)
+        await availability.watch_hub.start()
         self.listener = ChangeListener(availability)
         self._tasks.append(asyncio.create_task(self.listener.run(), name="change-listener"))
         self.sweeps = Sweeps(availability)
@@ -115,6 +116,8 @@ class Server:
         """Stop taking calls, let in-flight ones finish, stop tasks, close pools. Each step
         is bounded, so a stuck one is logged by name and shutdown still completes."""
         await self._step("health", self.health.enter_graceful_shutdown())
+        if self.availability is not None:
+            await self._step("watches", self.availability.watch_hub.stop())
         if self._grpc is not None:
             await self._step("draining calls", self._grpc.stop(grace), grace + _STEP_SECONDS)
         if self.sweeps is not None:

@@ -34,6 +34,8 @@ class Settings:
     mass_stale_min: int = 20
     mass_stale_max_per_sweep: int = 100
     database_pool_size: int = 10
+    watch_retained_changes: int = 10_000
+    watch_buffer_events: int = 1_000
     database_timeout_seconds: float = 5.0
     valkey_timeout_seconds: float = 0.25
     allow_insecure_network: bool = False
@@ -105,6 +107,8 @@ class Settings:
             "database_pool_size",
             "auto_offline_batch",
             "mass_stale_max_per_sweep",
+            "watch_retained_changes",
+            "watch_buffer_events",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
@@ -178,6 +182,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "mass_stale_share": _float,
     "mass_stale_min": _int,
     "mass_stale_max_per_sweep": _int,
+    "watch_retained_changes": _int,
+    "watch_buffer_events": _int,
 }
 
 

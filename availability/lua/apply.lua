@@ -1,4 +1,5 @@
--- Writes mitra states read from Postgres. ARGV[1]: milliseconds of heartbeat credit for a
+-- Writes mitra states read from Postgres. ARGV[1], ARGV[2]: stale ms and retained changes
+-- (for publish). ARGV[3]: milliseconds of heartbeat credit for a
 -- mitra the mirror holds no heartbeat of (the flush interval: Postgres heartbeat times lag
 -- Valkey's by up to that much, the same allowance the Postgres fallback makes).
 -- Then one argument a mitra (one, not nine, because packing arguments is most of the
@@ -11,7 +12,7 @@
 -- Returns what it changed, by kind: {online, deactivated, load, profile, heartbeat, ready}.
 local now = now_ms()
 local now_s = math.floor(now / 1000)
-local credit = tonumber(ARGV[1])
+local stale_ms, retain, credit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local changed = {0, 0, 0, 0, 0, 0}
 
 local function set_member(key, id, member, kind)
@@ -24,7 +25,7 @@ local function set_member(key, id, member, kind)
   changed[kind] = changed[kind] + moved
 end
 
-for i = 2, #ARGV do
+for i = 4, #ARGV do
   local id, name, capacity, active, online, version, load, heartbeat, read_at =
     string.match(ARGV[i], '^(.-)\31(.-)\31(.-)\31(.-)\31(.-)\31(.-)\31(.-)\31(.-)\31(.-)$')
   local known_load, known_capacity, serving
@@ -69,5 +70,6 @@ for i = 2, #ARGV do
     end
   end
   changed[6] = changed[6] + update_ready(id, now_s, known_load, known_capacity, serving)
+  publish(id, now, stale_ms, retain)
 end
 return changed

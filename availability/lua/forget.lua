@@ -1,8 +1,10 @@
--- Removes mitras Postgres does not have. ARGV[1]: the reconcile's read-at microseconds; a
--- mitra synced after it (created since the snapshot) is kept. Then the ids.
-local snapshot = tonumber(ARGV[1])
+-- Removes mitras Postgres does not have. ARGV: stale ms and retained changes (for publish),
+-- the reconcile's read-at microseconds (a mitra synced after it, created since the
+-- snapshot, is kept), then the ids.
+local stale_ms, retain, snapshot = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms()
 local forgotten = 0
-for i = 2, #ARGV do
+for i = 4, #ARGV do
   local id = ARGV[i]
   local synced = tonumber(redis.call('HGET', SYNCED, id))
   if not synced or synced < snapshot then
@@ -18,6 +20,7 @@ for i = 2, #ARGV do
     redis.call('ZREM', HEARTBEATS, id)
     redis.call('ZREM', READY, id)
     redis.call('ZREM', BUSY, id)
+    publish(id, now, stale_ms, retain)
     forgotten = forgotten + 1
   end
 end

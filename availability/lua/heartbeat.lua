@@ -1,7 +1,7 @@
--- ARGV[1] mitra id.
+-- ARGV: stale ms, retained changes, mitra id.
 -- Returns 1 recorded (online), 0 offline (not recorded), -1 deactivated, -2 unknown here,
 -- -3 mirror not seeded.
-local id = ARGV[1]
+local id = ARGV[3]
 if redis.call('EXISTS', SEEDED) == 0 then
   return -3
 end
@@ -17,4 +17,8 @@ end
 local now = now_ms()
 redis.call('ZADD', HEARTBEATS, now, id)
 redis.call('HSET', DIRTY, id, now)
+-- A mitra that was stale is available again: one HEXISTS on the common path.
+if redis.call('HEXISTS', PUBLISHED, id) == 0 and redis.call('ZSCORE', READY, id) then
+  publish(id, now, tonumber(ARGV[1]), tonumber(ARGV[2]))
+end
 return 1

@@ -3,6 +3,7 @@ local ONLINE, DEACTIVATED, CAPACITY, NAMES, LOADS, HEARTBEATS, READY, VERSIONS, 
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local SYNCED, SEEDED, BUSY, BEACON_COMPUTED = KEYS[11], KEYS[12], KEYS[13], KEYS[14]
 local FLUSHING = KEYS[15]
+local PUBLISHED, REVISION, EVENTS, CHECKED = KEYS[16], KEYS[17], KEYS[18], KEYS[19]
 
 -- Until a complete seed has written SEEDED (a fresh or restarted Valkey), the mirror is
 -- partial: readers must ask Postgres instead.
@@ -45,4 +46,71 @@ local function update_ready(id, now_s, load, capacity, serving)
     return 1
   end
   return redis.call('ZREM', READY, id)
+end
+
+-- The watch stream (WatchAvailableMitras). PUBLISHED holds what watchers were told is
+-- available (id -> load US capacity US name). publish() compares a mitra's availability now
+-- with it and, when they differ, appends one change to the EVENTS stream under the next
+-- REVISION, so every path that changes availability feeds watchers through here.
+-- available_now returns those fields when available, else nil, the reason and the fields.
+local function available_now(id, now, stale_ms)
+  local capacity = redis.call('HGET', CAPACITY, id)
+  if not capacity then
+    return nil, 'removed'
+  end
+  local load = redis.call('HGET', LOADS, id) or '0'
+  local fields = load .. '\31' .. capacity .. '\31' .. (redis.call('HGET', NAMES, id) or '')
+  if redis.call('SISMEMBER', DEACTIVATED, id) == 1 then
+    return nil, 'deactivated', fields
+  end
+  if redis.call('SISMEMBER', ONLINE, id) == 0 then
+    return nil, 'offline', fields
+  end
+  if tonumber(load) >= tonumber(capacity) then
+    return nil, 'full', fields
+  end
+  local heartbeat = tonumber(redis.call('ZSCORE', HEARTBEATS, id))
+  if not heartbeat or heartbeat < now - stale_ms then
+    return nil, 'stale', fields
+  end
+  return fields
+end
+
+-- Revisions start from Valkey's clock in microseconds, so a Valkey that lost its data
+-- (restarted, flushed) never hands out a revision a watcher has already seen.
+local function current_revision(now)
+  local revision = redis.call('GET', REVISION)
+  if not revision then
+    revision = string.format('%d', now * 1000)
+    redis.call('SET', REVISION, revision)
+  end
+  return revision
+end
+
+local function next_revision(now)
+  current_revision(now)
+  return redis.call('INCR', REVISION)
+end
+
+-- Returns 1 when the mitra's published availability changed. While the mirror is being
+-- seeded, PUBLISHED follows silently: watchers take a fresh snapshot once it is seeded.
+local function publish(id, now, stale_ms, retain)
+  local held = redis.call('HGET', PUBLISHED, id)
+  local value, reason, current = available_now(id, now, stale_ms)
+  if value == held or (not value and not held) then
+    return 0
+  end
+  local kind, fields
+  if value then
+    redis.call('HSET', PUBLISHED, id, value)
+    kind, reason, fields = held and 'l' or 'a', '', value
+  else
+    redis.call('HDEL', PUBLISHED, id)
+    kind, fields = 'u', current or held
+  end
+  if redis.call('EXISTS', SEEDED) == 1 then
+    redis.call('XADD', EVENTS, 'MAXLEN', '~', retain, string.format('%d-0', next_revision(now)),
+      'e', kind .. '\31' .. reason .. '\31' .. id .. '\31' .. fields)
+  end
+  return 1
 end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
@@ -9,12 +10,36 @@ from uuid import UUID
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..errors import InvalidArgument
-from ..model import AvailableMitra, MitraStatus, Source
+from ..model import (
+    AvailabilityChange,
+    AvailabilitySnapshot,
+    AvailableMitra,
+    ChangeKind,
+    MitraStatus,
+    Source,
+    UnavailableReason,
+)
 from ..v1 import availability_pb2 as pb
 
 MAX_IDS = 10_000
+SNAPSHOT_PART = 5_000
+"""Mitras per snapshot message: 100,000 mitras in one message would pass gRPC's default
+4 MiB message limit."""
 
 _SOURCES = {Source.CACHE: pb.SOURCE_CACHE, Source.DATABASE: pb.SOURCE_DATABASE}
+_KINDS = {
+    ChangeKind.AVAILABLE: pb.CHANGE_KIND_AVAILABLE,
+    ChangeKind.UNAVAILABLE: pb.CHANGE_KIND_UNAVAILABLE,
+    ChangeKind.LOAD_CHANGED: pb.CHANGE_KIND_LOAD_CHANGED,
+}
+_REASONS = {
+    None: pb.UNAVAILABLE_REASON_UNSPECIFIED,
+    UnavailableReason.OFFLINE: pb.UNAVAILABLE_REASON_OFFLINE,
+    UnavailableReason.STALE: pb.UNAVAILABLE_REASON_STALE,
+    UnavailableReason.DEACTIVATED: pb.UNAVAILABLE_REASON_DEACTIVATED,
+    UnavailableReason.FULL: pb.UNAVAILABLE_REASON_FULL,
+    UnavailableReason.REMOVED: pb.UNAVAILABLE_REASON_REMOVED,
+}
 
 
 def mitra_id(value: str, field: str = "mitra_id") -> UUID:
@@ -70,3 +95,30 @@ def available_mitra(value: AvailableMitra) -> pb.AvailableMitra:
         load=value.load,
         max_concurrent_sessions=value.max_concurrent_sessions,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def change(value: AvailabilityChange) -> pb.WatchAvailableMitrasResponse:
+    """Cached: every watcher of an instance is sent the same few changes at once."""
+    return pb.WatchAvailableMitrasResponse(
+        revision=value.revision,
+        change=pb.AvailabilityChange(
+            kind=_KINDS[value.kind],
+            mitra=available_mitra(value.mitra),
+            reason=_REASONS[value.reason],
+        ),
+    )
+
+
+def snapshot_parts(value: AvailabilitySnapshot) -> list[pb.WatchAvailableMitrasResponse]:
+    mitras = [available_mitra(m) for m in value.mitras]
+    parts = max(1, -(-len(mitras) // SNAPSHOT_PART))
+    return [
+        pb.WatchAvailableMitrasResponse(
+            revision=value.revision,
+            snapshot=pb.AvailabilitySnapshot(
+                mitras=mitras[i * SNAPSHOT_PART : (i + 1) * SNAPSHOT_PART], part=i, parts=parts
+            ),
+        )
+        for i in range(parts)
+    ]

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from ..domain import Availability
 from ..errors import InvalidArgument
+from ..model import AvailabilitySnapshot
 from ..v1 import availability_pb2 as pb
 from ..v1 import availability_pb2_grpc as pb_grpc
 from . import _convert as convert
 
 DEFAULT_FIND_LIMIT = 100
 MAX_FIND_LIMIT = 10_000
+REVISION_HEADER = "availability-revision"
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 class AvailabilityService(pb_grpc.AvailabilityServiceServicer):
     def __init__(self, availability: Availability) -> None:
         self._availability = availability
+        self._snapshot_parts: tuple[int, list[pb.WatchAvailableMitrasResponse]] = (-1, [])
 
     async def SetOnline(
         self, request: pb.SetOnlineRequest, context: Context
@@ -99,3 +103,26 @@ class AvailabilityService(pb_grpc.AvailabilityServiceServicer):
         return pb.RecomputeLoadResponse(
             loads=[pb.MitraLoad(mitra_id=str(m), load=load) for m, load in loads]
         )
+
+    async def WatchAvailableMitras(
+        self, request: pb.WatchAvailableMitrasRequest, context: Context
+    ) -> AsyncIterator[pb.WatchAvailableMitrasResponse]:
+        resume = request.resume_revision if request.HasField("resume_revision") else 0
+        hub = self._availability.watch_hub
+        hub.check_ready()
+        # Headers now, before any event: a resumed client with nothing missed knows it is live.
+        await context.send_initial_metadata(((REVISION_HEADER, str(hub.revision)),))
+        async for event in hub.watch(resume or None):
+            if isinstance(event, AvailabilitySnapshot):
+                for part in self._snapshot(event):
+                    yield part
+            else:
+                yield convert.change(event)
+
+    def _snapshot(self, snapshot: AvailabilitySnapshot) -> list[pb.WatchAvailableMitrasResponse]:
+        """Encoded once per revision, however many watchers take it."""
+        revision, parts = self._snapshot_parts
+        if revision != snapshot.revision:
+            parts = convert.snapshot_parts(snapshot)
+            self._snapshot_parts = (snapshot.revision, parts)
+        return parts

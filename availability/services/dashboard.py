@@ -50,6 +50,7 @@ def _fields(stats: DashboardStats) -> dict[str, Any]:
             last_30d_percent=counts.last_30d_percent,
         ),
         "as_of": convert.timestamp(stats.as_of),
+        "source": convert.source(stats.source),
     }
 
 

@@ -42,6 +42,62 @@ SOURCE_DATABASE: Source.ValueType  # 2
 """Postgres, the truth: a write's own answer, or a read that fell back."""
 Global___Source: _TypeAlias = Source  # noqa: Y015
 
+class _ChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANGE_KIND_UNSPECIFIED: _ChangeKind.ValueType  # 0
+    CHANGE_KIND_AVAILABLE: _ChangeKind.ValueType  # 1
+    """Became available."""
+    CHANGE_KIND_UNAVAILABLE: _ChangeKind.ValueType  # 2
+    """Is no longer available; see reason."""
+    CHANGE_KIND_LOAD_CHANGED: _ChangeKind.ValueType  # 3
+    """Still available; its load (or name or capacity) changed."""
+
+class ChangeKind(_ChangeKind, metaclass=_ChangeKindEnumTypeWrapper): ...
+
+CHANGE_KIND_UNSPECIFIED: ChangeKind.ValueType  # 0
+CHANGE_KIND_AVAILABLE: ChangeKind.ValueType  # 1
+"""Became available."""
+CHANGE_KIND_UNAVAILABLE: ChangeKind.ValueType  # 2
+"""Is no longer available; see reason."""
+CHANGE_KIND_LOAD_CHANGED: ChangeKind.ValueType  # 3
+"""Still available; its load (or name or capacity) changed."""
+Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
+
+class _UnavailableReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UnavailableReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UnavailableReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    UNAVAILABLE_REASON_UNSPECIFIED: _UnavailableReason.ValueType  # 0
+    UNAVAILABLE_REASON_OFFLINE: _UnavailableReason.ValueType  # 1
+    """Went offline (by the app, or taken offline by the auto-offline sweep)."""
+    UNAVAILABLE_REASON_STALE: _UnavailableReason.ValueType  # 2
+    """Online, but no heartbeat within HEARTBEAT_STALE_SECONDS."""
+    UNAVAILABLE_REASON_DEACTIVATED: _UnavailableReason.ValueType  # 3
+    UNAVAILABLE_REASON_FULL: _UnavailableReason.ValueType  # 4
+    """Load reached max_concurrent_sessions."""
+    UNAVAILABLE_REASON_REMOVED: _UnavailableReason.ValueType  # 5
+    """The mitra no longer exists in Postgres."""
+
+class UnavailableReason(_UnavailableReason, metaclass=_UnavailableReasonEnumTypeWrapper): ...
+
+UNAVAILABLE_REASON_UNSPECIFIED: UnavailableReason.ValueType  # 0
+UNAVAILABLE_REASON_OFFLINE: UnavailableReason.ValueType  # 1
+"""Went offline (by the app, or taken offline by the auto-offline sweep)."""
+UNAVAILABLE_REASON_STALE: UnavailableReason.ValueType  # 2
+"""Online, but no heartbeat within HEARTBEAT_STALE_SECONDS."""
+UNAVAILABLE_REASON_DEACTIVATED: UnavailableReason.ValueType  # 3
+UNAVAILABLE_REASON_FULL: UnavailableReason.ValueType  # 4
+"""Load reached max_concurrent_sessions."""
+UNAVAILABLE_REASON_REMOVED: UnavailableReason.ValueType  # 5
+"""The mitra no longer exists in Postgres."""
+Global___UnavailableReason: _TypeAlias = UnavailableReason  # noqa: Y015
+
 @_typing.final
 class MitraStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -527,3 +583,151 @@ class RecomputeLoadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecomputeLoadResponse: _TypeAlias = RecomputeLoadResponse  # noqa: Y015
+
+@_typing.final
+class WatchAvailableMitrasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESUME_REVISION_FIELD_NUMBER: _builtins.int
+    resume_revision: _builtins.int
+    """The last revision this client received; unset (or 0) starts with a snapshot."""
+    def __init__(
+        self,
+        *,
+        resume_revision: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_resume_revision", b"_resume_revision", "resume_revision", b"resume_revision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_resume_revision", b"_resume_revision", "resume_revision", b"resume_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__resume_revision: _TypeAlias = _typing.Literal["resume_revision"]  # noqa: Y015
+    _WhichOneofArgType__resume_revision: _TypeAlias = _typing.Literal["_resume_revision", b"_resume_revision"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__resume_revision) -> _WhichOneofReturnType__resume_revision | None: ...
+
+Global___WatchAvailableMitrasRequest: _TypeAlias = WatchAvailableMitrasRequest  # noqa: Y015
+
+@_typing.final
+class WatchAvailableMitrasResponse(_message.Message):
+    """One message of the watch stream. The same fields, with the same numbers, as
+    AvailabilityEvent (buf's STANDARD rules want the RPC's own response name), so
+    either message type parses the other's bytes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    @_builtins.property
+    def snapshot(self) -> Global___AvailabilitySnapshot: ...
+    @_builtins.property
+    def change(self) -> Global___AvailabilityChange: ...
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        snapshot: Global___AvailabilitySnapshot | None = ...,
+        change: Global___AvailabilityChange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "event", b"event", "snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "event", b"event", "revision", b"revision", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "change"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchAvailableMitrasResponse: _TypeAlias = WatchAvailableMitrasResponse  # noqa: Y015
+
+@_typing.final
+class AvailabilityEvent(_message.Message):
+    """What the watch stream carries: a snapshot, or a change for one mitra."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """Increases across the whole cluster, one per change."""
+    @_builtins.property
+    def snapshot(self) -> Global___AvailabilitySnapshot: ...
+    @_builtins.property
+    def change(self) -> Global___AvailabilityChange: ...
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        snapshot: Global___AvailabilitySnapshot | None = ...,
+        change: Global___AvailabilityChange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "event", b"event", "snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "event", b"event", "revision", b"revision", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "change"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___AvailabilityEvent: _TypeAlias = AvailabilityEvent  # noqa: Y015
+
+@_typing.final
+class AvailabilitySnapshot(_message.Message):
+    """Every available mitra at the event's revision, least loaded first. A large
+    snapshot comes in several parts with the same revision; it replaces the
+    client's set once the last part (part + 1 == parts) arrives.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MITRAS_FIELD_NUMBER: _builtins.int
+    PART_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    part: _builtins.int
+    parts: _builtins.int
+    @_builtins.property
+    def mitras(self) -> _containers.RepeatedCompositeFieldContainer[Global___AvailableMitra]: ...
+    def __init__(
+        self,
+        *,
+        mitras: _abc.Iterable[Global___AvailableMitra] | None = ...,
+        part: _builtins.int = ...,
+        parts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mitras", b"mitras", "part", b"part", "parts", b"parts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AvailabilitySnapshot: _TypeAlias = AvailabilitySnapshot  # noqa: Y015
+
+@_typing.final
+class AvailabilityChange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MITRA_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    kind: Global___ChangeKind.ValueType
+    reason: Global___UnavailableReason.ValueType
+    """Set when kind is CHANGE_KIND_UNAVAILABLE."""
+    @_builtins.property
+    def mitra(self) -> Global___AvailableMitra:
+        """As it is now (for UNAVAILABLE: as it was last known)."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___ChangeKind.ValueType = ...,
+        mitra: Global___AvailableMitra | None = ...,
+        reason: Global___UnavailableReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mitra", b"mitra"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "mitra", b"mitra", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AvailabilityChange: _TypeAlias = AvailabilityChange  # noqa: Y015

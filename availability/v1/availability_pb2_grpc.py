@@ -81,6 +81,11 @@ class AvailabilityServiceStub:
                 request_serializer=availability_dot_v1_dot_availability__pb2.RecomputeLoadRequest.SerializeToString,
                 response_deserializer=availability_dot_v1_dot_availability__pb2.RecomputeLoadResponse.FromString,
                 _registered_method=True)
+        self.WatchAvailableMitras = channel.unary_stream(
+                '/availability.v1.AvailabilityService/WatchAvailableMitras',
+                request_serializer=availability_dot_v1_dot_availability__pb2.WatchAvailableMitrasRequest.SerializeToString,
+                response_deserializer=availability_dot_v1_dot_availability__pb2.WatchAvailableMitrasResponse.FromString,
+                _registered_method=True)
 
 
 class AvailabilityServiceServicer:
@@ -151,6 +156,18 @@ class AvailabilityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAvailableMitras(self, request, context):
+        """The pairing service's live view: first a snapshot of every available mitra
+        (possibly in several parts), then one change per message, each with a
+        revision that increases across the cluster. Reconnect with resume_revision
+        set to the last revision received to get the changes missed meanwhile, or
+        a fresh snapshot when they are no longer retained. The stream ends with
+        UNAVAILABLE when the Valkey mirror is lost or the server shuts down: resume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AvailabilityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +215,11 @@ def add_AvailabilityServiceServicer_to_server(servicer, server):
                     servicer.RecomputeLoad,
                     request_deserializer=availability_dot_v1_dot_availability__pb2.RecomputeLoadRequest.FromString,
                     response_serializer=availability_dot_v1_dot_availability__pb2.RecomputeLoadResponse.SerializeToString,
+            ),
+            'WatchAvailableMitras': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAvailableMitras,
+                    request_deserializer=availability_dot_v1_dot_availability__pb2.WatchAvailableMitrasRequest.FromString,
+                    response_serializer=availability_dot_v1_dot_availability__pb2.WatchAvailableMitrasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +467,33 @@ class AvailabilityService:
             '/availability.v1.AvailabilityService/RecomputeLoad',
             availability_dot_v1_dot_availability__pb2.RecomputeLoadRequest.SerializeToString,
             availability_dot_v1_dot_availability__pb2.RecomputeLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAvailableMitras(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/availability.v1.AvailabilityService/WatchAvailableMitras',
+            availability_dot_v1_dot_availability__pb2.WatchAvailableMitrasRequest.SerializeToString,
+            availability_dot_v1_dot_availability__pb2.WatchAvailableMitrasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,14 @@ class AvailabilityServiceStub:
     """The beacon: cached cluster-wide, at most ten seconds old."""
     RecomputeLoad: _grpc.UnaryUnaryMultiCallable[_availability_pb2.RecomputeLoadRequest, _availability_pb2.RecomputeLoadResponse]
     """Recomputes load from chat_sessions; call after every chat-session transition."""
+    WatchAvailableMitras: _grpc.UnaryStreamMultiCallable[_availability_pb2.WatchAvailableMitrasRequest, _availability_pb2.WatchAvailableMitrasResponse]
+    """The pairing service's live view: first a snapshot of every available mitra
+    (possibly in several parts), then one change per message, each with a
+    revision that increases across the cluster. Reconnect with resume_revision
+    set to the last revision received to get the changes missed meanwhile, or
+    a fresh snapshot when they are no longer retained. The stream ends with
+    UNAVAILABLE when the Valkey mirror is lost or the server shuts down: resume.
+    """
 
 @_typing.type_check_only
 class AvailabilityServiceAsyncStub(AvailabilityServiceStub):
@@ -83,6 +91,14 @@ class AvailabilityServiceAsyncStub(AvailabilityServiceStub):
     """The beacon: cached cluster-wide, at most ten seconds old."""
     RecomputeLoad: _aio.UnaryUnaryMultiCallable[_availability_pb2.RecomputeLoadRequest, _availability_pb2.RecomputeLoadResponse]  # type: ignore[assignment]
     """Recomputes load from chat_sessions; call after every chat-session transition."""
+    WatchAvailableMitras: _aio.UnaryStreamMultiCallable[_availability_pb2.WatchAvailableMitrasRequest, _availability_pb2.WatchAvailableMitrasResponse]  # type: ignore[assignment]
+    """The pairing service's live view: first a snapshot of every available mitra
+    (possibly in several parts), then one change per message, each with a
+    revision that increases across the cluster. Reconnect with resume_revision
+    set to the last revision received to get the changes missed meanwhile, or
+    a fresh snapshot when they are no longer retained. The stream ends with
+    UNAVAILABLE when the Valkey mirror is lost or the server shuts down: resume.
+    """
 
 class AvailabilityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Real-time availability of mitras (counselors): who is online, fresh and
@@ -162,5 +178,19 @@ class AvailabilityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_availability_pb2.RecomputeLoadResponse, _abc.Awaitable[_availability_pb2.RecomputeLoadResponse]]:
         """Recomputes load from chat_sessions; call after every chat-session transition."""
+
+    @_abc_1.abstractmethod
+    def WatchAvailableMitras(
+        self,
+        request: _availability_pb2.WatchAvailableMitrasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_availability_pb2.WatchAvailableMitrasResponse], _abc.AsyncIterator[_availability_pb2.WatchAvailableMitrasResponse]]:
+        """The pairing service's live view: first a snapshot of every available mitra
+        (possibly in several parts), then one change per message, each with a
+        revision that increases across the cluster. Reconnect with resume_revision
+        set to the last revision received to get the changes missed meanwhile, or
+        a fresh snapshot when they are no longer retained. The stream ends with
+        UNAVAILABLE when the Valkey mirror is lost or the server shuts down: resume.
+        """
 
 def add_AvailabilityServiceServicer_to_server(servicer: AvailabilityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,29 +22,30 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from availability.v1 import availability_pb2 as availability_dot_v1_dot_availability__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61vailability/v1/dashboard.proto\x12\x0f\x61vailability.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"=\n\x18GetDashboardStatsRequest\x12!\n\x19\x63ustomers_per_mitra_limit\x18\x01 \x01(\x05\"l\n\x1aWatchDashboardStatsRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x19\x63ustomers_per_mitra_limit\x18\x02 \x01(\x05\"Y\n\x11MitraSessionCount\x12\x10\n\x08mitra_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1c\n\x14\x61\x63tive_session_count\x18\x03 \x01(\x05\"m\n\x0eSensitiveStats\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x16\n\x0elast_30d_total\x18\x02 \x01(\x03\x12\x1a\n\x12last_30d_sensitive\x18\x03 \x01(\x03\x12\x18\n\x10last_30d_percent\x18\x04 \x01(\x01\"\x82\x02\n\x19GetDashboardStatsResponse\x12\x14\n\x0c\x61\x63tive_chats\x18\x01 \x01(\x03\x12\x15\n\ronline_mitras\x18\x02 \x01(\x03\x12\x18\n\x10pending_requests\x18\x03 \x01(\x03\x12?\n\x13\x63ustomers_per_mitra\x18\x04 \x03(\x0b\x32\".availability.v1.MitraSessionCount\x12\x32\n\tsensitive\x18\x05 \x01(\x0b\x32\x1f.availability.v1.SensitiveStats\x12)\n\x05\x61s_of\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x84\x02\n\x1bWatchDashboardStatsResponse\x12\x14\n\x0c\x61\x63tive_chats\x18\x01 \x01(\x03\x12\x15\n\ronline_mitras\x18\x02 \x01(\x03\x12\x18\n\x10pending_requests\x18\x03 \x01(\x03\x12?\n\x13\x63ustomers_per_mitra\x18\x04 \x03(\x0b\x32\".availability.v1.MitraSessionCount\x12\x32\n\tsensitive\x18\x05 \x01(\x0b\x32\x1f.availability.v1.SensitiveStats\x12)\n\x05\x61s_of\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xf2\x01\n\x10\x44\x61shboardService\x12j\n\x11GetDashboardStats\x12).availability.v1.GetDashboardStatsRequest\x1a*.availability.v1.GetDashboardStatsResponse\x12r\n\x13WatchDashboardStats\x12+.availability.v1.WatchDashboardStatsRequest\x1a,.availability.v1.WatchDashboardStatsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61vailability/v1/dashboard.proto\x12\x0f\x61vailability.v1\x1a\"availability/v1/availability.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"=\n\x18GetDashboardStatsRequest\x12!\n\x19\x63ustomers_per_mitra_limit\x18\x01 \x01(\x05\"l\n\x1aWatchDashboardStatsRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x19\x63ustomers_per_mitra_limit\x18\x02 \x01(\x05\"Y\n\x11MitraSessionCount\x12\x10\n\x08mitra_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1c\n\x14\x61\x63tive_session_count\x18\x03 \x01(\x05\"m\n\x0eSensitiveStats\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x16\n\x0elast_30d_total\x18\x02 \x01(\x03\x12\x1a\n\x12last_30d_sensitive\x18\x03 \x01(\x03\x12\x18\n\x10last_30d_percent\x18\x04 \x01(\x01\"\xab\x02\n\x19GetDashboardStatsResponse\x12\x14\n\x0c\x61\x63tive_chats\x18\x01 \x01(\x03\x12\x15\n\ronline_mitras\x18\x02 \x01(\x03\x12\x18\n\x10pending_requests\x18\x03 \x01(\x03\x12?\n\x13\x63ustomers_per_mitra\x18\x04 \x03(\x0b\x32\".availability.v1.MitraSessionCount\x12\x32\n\tsensitive\x18\x05 \x01(\x0b\x32\x1f.availability.v1.SensitiveStats\x12)\n\x05\x61s_of\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06source\x18\x07 \x01(\x0e\x32\x17.availability.v1.Source\"\xad\x02\n\x1bWatchDashboardStatsResponse\x12\x14\n\x0c\x61\x63tive_chats\x18\x01 \x01(\x03\x12\x15\n\ronline_mitras\x18\x02 \x01(\x03\x12\x18\n\x10pending_requests\x18\x03 \x01(\x03\x12?\n\x13\x63ustomers_per_mitra\x18\x04 \x03(\x0b\x32\".availability.v1.MitraSessionCount\x12\x32\n\tsensitive\x18\x05 \x01(\x0b\x32\x1f.availability.v1.SensitiveStats\x12)\n\x05\x61s_of\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06source\x18\x07 \x01(\x0e\x32\x17.availability.v1.Source2\xf2\x01\n\x10\x44\x61shboardService\x12j\n\x11GetDashboardStats\x12).availability.v1.GetDashboardStatsRequest\x1a*.availability.v1.GetDashboardStatsResponse\x12r\n\x13WatchDashboardStats\x12+.availability.v1.WatchDashboardStatsRequest\x1a,.availability.v1.WatchDashboardStatsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'availability.v1.dashboard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETDASHBOARDSTATSREQUEST']._serialized_start=117
-  _globals['_GETDASHBOARDSTATSREQUEST']._serialized_end=178
-  _globals['_WATCHDASHBOARDSTATSREQUEST']._serialized_start=180
-  _globals['_WATCHDASHBOARDSTATSREQUEST']._serialized_end=288
-  _globals['_MITRASESSIONCOUNT']._serialized_start=290
-  _globals['_MITRASESSIONCOUNT']._serialized_end=379
-  _globals['_SENSITIVESTATS']._serialized_start=381
-  _globals['_SENSITIVESTATS']._serialized_end=490
-  _globals['_GETDASHBOARDSTATSRESPONSE']._serialized_start=493
-  _globals['_GETDASHBOARDSTATSRESPONSE']._serialized_end=751
-  _globals['_WATCHDASHBOARDSTATSRESPONSE']._serialized_start=754
-  _globals['_WATCHDASHBOARDSTATSRESPONSE']._serialized_end=1014
-  _globals['_DASHBOARDSERVICE']._serialized_start=1017
-  _globals['_DASHBOARDSERVICE']._serialized_end=1259
+  _globals['_GETDASHBOARDSTATSREQUEST']._serialized_start=153
+  _globals['_GETDASHBOARDSTATSREQUEST']._serialized_end=214
+  _globals['_WATCHDASHBOARDSTATSREQUEST']._serialized_start=216
+  _globals['_WATCHDASHBOARDSTATSREQUEST']._serialized_end=324
+  _globals['_MITRASESSIONCOUNT']._serialized_start=326
+  _globals['_MITRASESSIONCOUNT']._serialized_end=415
+  _globals['_SENSITIVESTATS']._serialized_start=417
+  _globals['_SENSITIVESTATS']._serialized_end=526
+  _globals['_GETDASHBOARDSTATSRESPONSE']._serialized_start=529
+  _globals['_GETDASHBOARDSTATSRESPONSE']._serialized_end=828
+  _globals['_WATCHDASHBOARDSTATSRESPONSE']._serialized_start=831
+  _globals['_WATCHDASHBOARDSTATSRESPONSE']._serialized_end=1132
+  _globals['_DASHBOARDSERVICE']._serialized_start=1135
+  _globals['_DASHBOARDSERVICE']._serialized_end=1377
 # @@protoc_insertion_point(module_scope)

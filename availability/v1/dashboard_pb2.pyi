@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from availability.v1 import availability_pb2 as _availability_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -136,9 +137,14 @@ class GetDashboardStatsResponse(_message.Message):
     CUSTOMERS_PER_MITRA_FIELD_NUMBER: _builtins.int
     SENSITIVE_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     active_chats: _builtins.int
     online_mitras: _builtins.int
     pending_requests: _builtins.int
+    source: _availability_pb2.Source.ValueType
+    """Which store answered online_mitras and customers_per_mitra (the counts always
+    come from Postgres).
+    """
     @_builtins.property
     def customers_per_mitra(self) -> _containers.RepeatedCompositeFieldContainer[Global___MitraSessionCount]:
         """online mitras, busiest first"""
@@ -156,10 +162,11 @@ class GetDashboardStatsResponse(_message.Message):
         customers_per_mitra: _abc.Iterable[Global___MitraSessionCount] | None = ...,
         sensitive: Global___SensitiveStats | None = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
+        source: _availability_pb2.Source.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "sensitive", b"sensitive"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_chats", b"active_chats", "as_of", b"as_of", "customers_per_mitra", b"customers_per_mitra", "online_mitras", b"online_mitras", "pending_requests", b"pending_requests", "sensitive", b"sensitive"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_chats", b"active_chats", "as_of", b"as_of", "customers_per_mitra", b"customers_per_mitra", "online_mitras", b"online_mitras", "pending_requests", b"pending_requests", "sensitive", b"sensitive", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -177,9 +184,14 @@ class WatchDashboardStatsResponse(_message.Message):
     CUSTOMERS_PER_MITRA_FIELD_NUMBER: _builtins.int
     SENSITIVE_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     active_chats: _builtins.int
     online_mitras: _builtins.int
     pending_requests: _builtins.int
+    source: _availability_pb2.Source.ValueType
+    """Which store answered online_mitras and customers_per_mitra (the counts always
+    come from Postgres).
+    """
     @_builtins.property
     def customers_per_mitra(self) -> _containers.RepeatedCompositeFieldContainer[Global___MitraSessionCount]: ...
     @_builtins.property
@@ -195,10 +207,11 @@ class WatchDashboardStatsResponse(_message.Message):
         customers_per_mitra: _abc.Iterable[Global___MitraSessionCount] | None = ...,
         sensitive: Global___SensitiveStats | None = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
+        source: _availability_pb2.Source.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "sensitive", b"sensitive"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_chats", b"active_chats", "as_of", b"as_of", "customers_per_mitra", b"customers_per_mitra", "online_mitras", b"online_mitras", "pending_requests", b"pending_requests", "sensitive", b"sensitive"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_chats", b"active_chats", "as_of", b"as_of", "customers_per_mitra", b"customers_per_mitra", "online_mitras", b"online_mitras", "pending_requests", b"pending_requests", "sensitive", b"sensitive", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

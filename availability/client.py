@@ -1,0 +1,358 @@
+"""The typed async client other backends import.
+
+    async with AvailabilityClient("availability:50051") as client:
+        status = await client.get_mitra_status(mitra_id)
+        async for event in (live := client.watch_available()):
+            pick = live.least_loaded(10)
+
+Every unary call has a deadline and is retried on UNAVAILABLE by gRPC itself (the service
+config below): each is idempotent, a state set or a read. A retried deactivation that had
+committed reports 0 revoked sessions the second time. Errors are grpc.aio.AioRpcError with
+the codes of API.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from .model import (
+    AvailabilityChange,
+    AvailabilityCount,
+    AvailabilitySnapshot,
+    AvailableMitra,
+    ChangeKind,
+    DashboardStats,
+    MitraLoad,
+    MitraStatus,
+    SessionCounts,
+    Source,
+    UnavailableReason,
+)
+from .v1 import availability_pb2 as pb
+from .v1 import availability_pb2_grpc as pb_grpc
+from .v1 import dashboard_pb2 as dashboard_pb
+from .v1 import dashboard_pb2_grpc as dashboard_pb_grpc
+
+if TYPE_CHECKING:
+    from .v1.availability_pb2_grpc import AvailabilityServiceAsyncStub
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AvailabilityClient", "LiveAvailability"]
+
+_SERVICES = ("availability.v1.AvailabilityService", "availability.v1.DashboardService")
+_STREAMS = (
+    ("availability.v1.AvailabilityService", "WatchAvailableMitras"),
+    ("availability.v1.DashboardService", "WatchDashboardStats"),
+)
+# Worth resuming a watch after: the server or its Valkey went away, or the stream was cut.
+_RESUMABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+def service_config(timeout: float, attempts: int) -> str:
+    """Deadline and retries for every unary call; none for the two streams (a watch lives as
+    long as its caller wants, and resumes by itself)."""
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": s} for s in _SERVICES],
+                    "timeout": f"{timeout}s",
+                    "retryPolicy": {
+                        "maxAttempts": attempts,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                },
+                {"name": [{"service": s, "method": m} for s, m in _STREAMS]},
+            ]
+        }
+    )
+
+
+class AvailabilityClient:
+    """Every RPC of API.md, typed with the service's own model classes."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 5.0,
+        attempts: int = 4,
+        metadata: Sequence[tuple[str, str]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        options = [
+            ("grpc.service_config", service_config(timeout, attempts)),
+            ("grpc.enable_retries", 1),
+        ]
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._metadata = tuple(metadata)
+        self._stub = pb_grpc.AvailabilityServiceStub(self._channel)
+        self._dashboard = dashboard_pb_grpc.DashboardServiceStub(self._channel)
+
+    async def __aenter__(self) -> AvailabilityClient:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+    async def set_online(self, mitra_id: UUID | str) -> MitraStatus:
+        request = pb.SetOnlineRequest(mitra_id=str(mitra_id))
+        return _status((await self._stub.SetOnline(request, metadata=self._metadata)).status)
+
+    async def set_offline(self, mitra_id: UUID | str) -> MitraStatus:
+        request = pb.SetOfflineRequest(mitra_id=str(mitra_id))
+        return _status((await self._stub.SetOffline(request, metadata=self._metadata)).status)
+
+    async def heartbeat(self, mitra_id: UUID | str) -> bool:
+        """False: the mitra was taken offline; its app must call set_online again."""
+        request = pb.HeartbeatRequest(mitra_id=str(mitra_id))
+        return (await self._stub.Heartbeat(request, metadata=self._metadata)).online
+
+    async def set_mitra_active(self, mitra_id: UUID | str, active: bool) -> tuple[MitraStatus, int]:
+        """(status, auth sessions revoked)."""
+        request = pb.SetMitraActiveRequest(mitra_id=str(mitra_id), active=active)
+        reply = await self._stub.SetMitraActive(request, metadata=self._metadata)
+        return _status(reply.status), reply.revoked_auth_sessions
+
+    async def get_mitra_status(self, mitra_id: UUID | str) -> MitraStatus:
+        request = pb.GetMitraStatusRequest(mitra_id=str(mitra_id))
+        return _status((await self._stub.GetMitraStatus(request, metadata=self._metadata)).status)
+
+    async def is_mitra_reachable(self, mitra_id: UUID | str) -> bool:
+        request = pb.IsMitraReachableRequest(mitra_id=str(mitra_id))
+        return (await self._stub.IsMitraReachable(request, metadata=self._metadata)).reachable
+
+    async def find_available_mitras(
+        self, limit: int = 100, exclude: Iterable[UUID | str] = ()
+    ) -> list[AvailableMitra]:
+        """Least loaded first, then longest idle."""
+        request = pb.FindAvailableMitrasRequest(
+            limit=limit, exclude_mitra_ids=[str(m) for m in exclude]
+        )
+        reply = await self._stub.FindAvailableMitras(request, metadata=self._metadata)
+        return [_available(m) for m in reply.mitras]
+
+    async def count_available_mitras(self) -> AvailabilityCount:
+        reply = await self._stub.CountAvailableMitras(
+            pb.CountAvailableMitrasRequest(), metadata=self._metadata
+        )
+        return AvailabilityCount(
+            reply.available_count,
+            reply.online_count,
+            reply.as_of.ToDatetime(UTC),
+            _source(reply.source),
+        )
+
+    async def recompute_load(self, mitra_ids: Iterable[UUID | str]) -> dict[UUID, int]:
+        request = pb.RecomputeLoadRequest(mitra_ids=[str(m) for m in mitra_ids])
+        reply = await self._stub.RecomputeLoad(request, metadata=self._metadata)
+        return {UUID(m.mitra_id): m.load for m in reply.loads}
+
+    async def get_dashboard_stats(self, customers_per_mitra_limit: int = 0) -> DashboardStats:
+        request = dashboard_pb.GetDashboardStatsRequest(
+            customers_per_mitra_limit=customers_per_mitra_limit
+        )
+        return _dashboard(await self._dashboard.GetDashboardStats(request, metadata=self._metadata))
+
+    async def watch_dashboard_stats(
+        self, interval: timedelta = timedelta(seconds=1), customers_per_mitra_limit: int = 0
+    ) -> AsyncIterator[DashboardStats]:
+        duration = Duration()
+        duration.FromTimedelta(interval)
+        request = dashboard_pb.WatchDashboardStatsRequest(
+            interval=duration, customers_per_mitra_limit=customers_per_mitra_limit
+        )
+        async for reply in self._dashboard.WatchDashboardStats(request, metadata=self._metadata):
+            yield _dashboard(reply)
+
+    def watch_available(self) -> LiveAvailability:
+        """The live set of available mitras; iterate it to keep it current (and to see each
+        change). It resumes by revision on its own after any interruption."""
+        return LiveAvailability(self._stub, self._metadata)
+
+
+class LiveAvailability:
+    """Available mitras, kept current by WatchAvailableMitras while it is iterated.
+
+    in_sync is False until the first snapshot and while reconnecting; a caller that must
+    not act on a possibly old set can fall back to find_available_mitras meanwhile.
+    """
+
+    def __init__(
+        self,
+        stub: AvailabilityServiceAsyncStub,
+        metadata: Sequence[tuple[str, str]] = (),
+        *,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self._stub = stub
+        self._metadata = tuple(metadata)
+        self._max_backoff = max_backoff
+        self._mitras: dict[UUID, AvailableMitra] = {}
+        self.revision = 0
+        self.in_sync = False
+        self.reconnects = 0
+
+    @property
+    def mitras(self) -> Mapping[UUID, AvailableMitra]:
+        return MappingProxyType(self._mitras)
+
+    def least_loaded(self, limit: int, exclude: Iterable[UUID] = ()) -> list[AvailableMitra]:
+        skip = set(exclude)
+        candidates = (m for m in self._mitras.values() if m.mitra_id not in skip)
+        return sorted(candidates, key=lambda m: (m.load, str(m.mitra_id)))[:limit]
+
+    def __aiter__(self) -> AsyncIterator[AvailabilitySnapshot | AvailabilityChange]:
+        return self._follow()
+
+    async def _follow(self) -> AsyncIterator[AvailabilitySnapshot | AvailabilityChange]:
+        backoff = 0.05
+        while True:
+            request = pb.WatchAvailableMitrasRequest()
+            if self.revision:
+                request.resume_revision = self.revision
+            call = self._stub.WatchAvailableMitras(request, metadata=self._metadata)
+            parts: list[pb.AvailableMitra] = []
+            try:
+                await call.initial_metadata()
+                # A resumed stream is live from here: missed changes (or a snapshot) follow.
+                self.in_sync = bool(self.revision)
+                async for message in call:
+                    backoff = 0.05
+                    if message.HasField("snapshot"):
+                        parts.extend(message.snapshot.mitras)
+                        if message.snapshot.part + 1 < message.snapshot.parts:
+                            continue
+                        snapshot = AvailabilitySnapshot(
+                            message.revision, tuple(_available(m) for m in parts)
+                        )
+                        parts = []
+                        self._mitras = {m.mitra_id: m for m in snapshot.mitras}
+                        self.revision, self.in_sync = snapshot.revision, True
+                        yield snapshot
+                    else:
+                        change = _change(message)
+                        if change.kind is ChangeKind.UNAVAILABLE:
+                            self._mitras.pop(change.mitra.mitra_id, None)
+                        else:
+                            self._mitras[change.mitra.mitra_id] = change.mitra
+                        self.revision = change.revision
+                        yield change
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RESUMABLE:
+                    raise
+                log.info("watch interrupted (%s: %s); resuming", exc.code().name, exc.details())
+            finally:
+                call.cancel()
+            self.in_sync = False
+            self.reconnects += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+
+
+_SOURCES = {pb.SOURCE_CACHE: Source.CACHE, pb.SOURCE_DATABASE: Source.DATABASE}
+_KINDS = {
+    pb.CHANGE_KIND_AVAILABLE: ChangeKind.AVAILABLE,
+    pb.CHANGE_KIND_UNAVAILABLE: ChangeKind.UNAVAILABLE,
+    pb.CHANGE_KIND_LOAD_CHANGED: ChangeKind.LOAD_CHANGED,
+}
+_REASONS = {
+    pb.UNAVAILABLE_REASON_OFFLINE: UnavailableReason.OFFLINE,
+    pb.UNAVAILABLE_REASON_STALE: UnavailableReason.STALE,
+    pb.UNAVAILABLE_REASON_DEACTIVATED: UnavailableReason.DEACTIVATED,
+    pb.UNAVAILABLE_REASON_FULL: UnavailableReason.FULL,
+    pb.UNAVAILABLE_REASON_REMOVED: UnavailableReason.REMOVED,
+}
+
+
+def _source(value: pb.Source.ValueType) -> Source:
+    return _SOURCES.get(value, Source.DATABASE)
+
+
+def _when(stamp: object, present: bool) -> datetime | None:
+    return stamp.ToDatetime(UTC) if present else None  # type: ignore[attr-defined]
+
+
+def _status(value: pb.MitraStatus) -> MitraStatus:
+    return MitraStatus(
+        mitra_id=UUID(value.mitra_id),
+        display_name=value.display_name,
+        online=value.online,
+        active=value.active,
+        fresh=value.fresh,
+        load=value.load,
+        max_concurrent_sessions=value.max_concurrent_sessions,
+        last_heartbeat_at=_when(value.last_heartbeat_time, value.HasField("last_heartbeat_time")),
+        source=_source(value.source),
+    )
+
+
+def _available(value: pb.AvailableMitra) -> AvailableMitra:
+    return AvailableMitra(
+        UUID(value.mitra_id), value.display_name, value.load, value.max_concurrent_sessions
+    )
+
+
+def _change(message: pb.WatchAvailableMitrasResponse) -> AvailabilityChange:
+    change = message.change
+    return AvailabilityChange(
+        revision=message.revision,
+        kind=_KINDS[change.kind],
+        mitra=_available(change.mitra),
+        reason=_REASONS.get(change.reason),
+    )
+
+
+def _dashboard(
+    value: dashboard_pb.GetDashboardStatsResponse | dashboard_pb.WatchDashboardStatsResponse,
+) -> DashboardStats:
+    sensitive = value.sensitive
+    return DashboardStats(
+        counts=SessionCounts(
+            active_chats=value.active_chats,
+            pending_requests=value.pending_requests,
+            sensitive_total=sensitive.total,
+            last_30d_total=sensitive.last_30d_total,
+            last_30d_sensitive=sensitive.last_30d_sensitive,
+        ),
+        online_mitras=value.online_mitras,
+        customers_per_mitra=tuple(
+            MitraLoad(UUID(m.mitra_id), m.display_name, m.active_session_count)
+            for m in value.customers_per_mitra
+        ),
+        as_of=value.as_of.ToDatetime(UTC),
+        source=_source(value.source),
+    )

@@ -1,0 +1,10 @@
+-- A watch hub's starting point, in one atomic read: the revision, every published mitra,
+-- and the retained changes up to that revision (so resumes can be served from memory).
+-- ARGV: retained changes. Returns {revision, {id, fields, ...}, {entry, ...}}.
+local unseeded = require_seeded()
+if unseeded then
+  return unseeded
+end
+local revision = current_revision(now_ms())
+local retained = redis.call('XREVRANGE', EVENTS, '+', '-', 'COUNT', tonumber(ARGV[1]))
+return {revision, redis.call('HGETALL', PUBLISHED), retained}

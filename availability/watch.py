@@ -1,0 +1,245 @@
+"""The watch hub behind WatchAvailableMitras: one per process.
+
+Every path that changes a mitra's availability, on any instance, appends one change to a
+Valkey stream under a cluster-wide revision (`publish` in lua/prelude.lua). The hub follows
+that stream with one blocking XREAD and keeps the available set and the retained changes in
+memory, so each watcher on this instance is served from memory: a thousand watchers cost
+one reader, and a resume within retention never touches Valkey.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from .errors import WatchInterrupted
+from .mirror import MIRROR_ERRORS, Mirror
+from .model import AvailabilityChange, AvailabilitySnapshot, AvailableMitra, ChangeKind
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXPIRE_INTERVAL_SECONDS = 0.5
+"""How often each instance publishes the mitras that went stale: with the stream's own
+latency, a stale mitra leaves every watcher's set well within a second."""
+
+_RETRY_SECONDS = 0.5
+_POSITION_CHECK_SECONDS = 1.0
+
+Event = AvailabilitySnapshot | AvailabilityChange
+
+
+class _Resync(Exception):
+    """The stream skipped revisions (a flushed or replaced Valkey): start over from a snapshot."""
+
+
+class _Unseeded(Exception):
+    """The mirror lost its seed (a flushed Valkey): watchers must wait for the reseed."""
+
+
+_LOST: tuple[type[BaseException], ...] = (*MIRROR_ERRORS, _Unseeded)
+
+
+@dataclass(eq=False, slots=True)
+class _Watcher:
+    buffer: deque[AvailabilityChange] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    resync: bool = False
+    ended: WatchInterrupted | None = None
+
+
+@dataclass
+class WatchStats:
+    """Counted for operators (and the metrics endpoint, once there is one)."""
+
+    changes: int = 0
+    snapshots: int = 0
+    overflows: int = 0
+    resyncs: int = 0
+    losses: int = 0
+
+
+class WatchHub:
+    def __init__(self, mirror: Mirror, settings: Settings) -> None:
+        self._mirror = mirror
+        self._buffer_limit = settings.watch_buffer_events
+        self._retained: deque[AvailabilityChange] = deque(maxlen=settings.watch_retained_changes)
+        self._view: dict[UUID, AvailableMitra] = {}
+        self._snapshot: AvailabilitySnapshot | None = None
+        self._watchers: set[_Watcher] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.revision = 0
+        self.ready = False
+        self.stats = WatchStats()
+
+    @property
+    def watchers(self) -> int:
+        return len(self._watchers)
+
+    async def start(self) -> None:
+        """Take the first snapshot now if Valkey answers (so a server that reports SERVING
+        can be watched at once), then follow the stream in the background."""
+        with contextlib.suppress(*MIRROR_ERRORS):
+            await self._sync()
+        self._tasks = [
+            asyncio.create_task(self._follow(), name="watch-follow"),
+            asyncio.create_task(self._expire(), name="watch-expire"),
+        ]
+
+    async def stop(self) -> None:
+        """End every watch (UNAVAILABLE: the client resumes on another instance), so they do
+        not hold the drain open, and stop following."""
+        self._end_all(WatchInterrupted("the server is shutting down; resume elsewhere"))
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    def check_ready(self) -> None:
+        if not self.ready:
+            raise WatchInterrupted(
+                "the Valkey mirror is unreachable or being seeded; retry with resume_revision"
+            )
+
+    def snapshot(self) -> AvailabilitySnapshot:
+        """The available set at the current revision, least loaded first (built once per
+        revision, whoever asks)."""
+        if self._snapshot is None or self._snapshot.revision != self.revision:
+            mitras = sorted(self._view.values(), key=lambda m: (m.load, str(m.mitra_id)))
+            self._snapshot = AvailabilitySnapshot(self.revision, tuple(mitras))
+        return self._snapshot
+
+    async def watch(self, resume_revision: int | None = None) -> AsyncIterator[Event]:
+        """A snapshot (or the changes missed since resume_revision, while retained), then
+        every change. A watcher that falls more than WATCH_BUFFER_EVENTS behind gets a fresh
+        snapshot instead of a growing backlog. Raises WatchInterrupted when Valkey is lost
+        or the server stops."""
+        self.check_ready()
+        watcher = _Watcher()
+        missed = self._since(resume_revision)
+        watcher.resync = missed is None
+        self._watchers.add(watcher)
+        try:
+            for change in missed or ():
+                yield change
+            while True:
+                if watcher.ended is not None:
+                    raise watcher.ended
+                if watcher.resync:
+                    watcher.resync = False
+                    watcher.buffer.clear()
+                    self.stats.snapshots += 1
+                    yield self.snapshot()
+                elif watcher.buffer:
+                    yield watcher.buffer.popleft()
+                else:
+                    watcher.wake.clear()
+                    await watcher.wake.wait()
+        finally:
+            self._watchers.discard(watcher)
+
+    def _since(self, revision: int | None) -> list[AvailabilityChange] | None:
+        """The retained changes after revision; None when a snapshot is needed instead."""
+        if revision is None or revision > self.revision:
+            return None
+        if revision == self.revision:
+            return []
+        if not self._retained or self._retained[0].revision > revision + 1:
+            return None
+        return [c for c in self._retained if c.revision > revision]
+
+    async def _sync(self) -> None:
+        snapshot, retained = await self._mirror.watch_snapshot()
+        self._view = {m.mitra_id: m for m in snapshot.mitras}
+        self._snapshot = snapshot
+        self._retained.clear()
+        self._retained.extend(retained)
+        self.revision = snapshot.revision
+        for watcher in self._watchers:
+            watcher.resync = True
+            watcher.wake.set()
+        if not self.ready:
+            log.info("watch: following changes from revision %d", self.revision)
+        self.ready = True
+
+    async def _follow(self) -> None:
+        resync = False
+        while True:
+            try:
+                if resync or not self.ready:
+                    await self._sync()
+                resync = False
+                await self._tail()
+            except _Resync as exc:
+                self.stats.resyncs += 1
+                log.warning("watch: %s; watchers get a fresh snapshot", exc)
+                resync = True
+            except _LOST as exc:
+                if self.ready:
+                    self.stats.losses += 1
+                    log.warning(
+                        "watch: mirror lost (%s: %s); ending watches", type(exc).__name__, exc
+                    )
+                    self._end_all(
+                        WatchInterrupted(
+                            "lost the Valkey mirror; retry with resume_revision "
+                            "(a fresh snapshot follows if it lost changes)"
+                        )
+                    )
+                self.ready = False
+                await asyncio.sleep(_RETRY_SECONDS)
+
+    async def _tail(self) -> None:
+        checked = time.monotonic()
+        while True:
+            changes = await self._mirror.read_changes(self.revision)
+            for change in changes:
+                if change.revision != self.revision + 1:
+                    raise _Resync(f"revision {self.revision} was followed by {change.revision}")
+                self._apply(change)
+            if time.monotonic() - checked >= _POSITION_CHECK_SECONDS:
+                seeded, revision = await self._mirror.watch_position()
+                if not seeded:
+                    raise _Unseeded("the mirror is being reseeded")
+                if revision < self.revision:
+                    raise _Resync(f"the revision went back from {self.revision} to {revision}")
+                checked = time.monotonic()
+
+    def _apply(self, change: AvailabilityChange) -> None:
+        if change.kind is ChangeKind.UNAVAILABLE:
+            self._view.pop(change.mitra.mitra_id, None)
+        else:
+            self._view[change.mitra.mitra_id] = change.mitra
+        self.revision = change.revision
+        self._retained.append(change)
+        self.stats.changes += 1
+        for watcher in self._watchers:
+            if watcher.resync:
+                continue
+            if len(watcher.buffer) >= self._buffer_limit:
+                watcher.buffer.clear()
+                watcher.resync = True
+                self.stats.overflows += 1
+            else:
+                watcher.buffer.append(change)
+            watcher.wake.set()
+
+    def _end_all(self, reason: WatchInterrupted) -> None:
+        for watcher in self._watchers:
+            watcher.ended = reason
+            watcher.wake.set()
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_INTERVAL_SECONDS)
+            with contextlib.suppress(*MIRROR_ERRORS):
+                await self._mirror.expire_stale()
