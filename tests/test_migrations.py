@@ -120,6 +120,32 @@ async def _plan(db: asyncpg.Connection, sql: str, *args: object) -> str:
     return "\n".join(r[0] for r in rows)
 
 
+async def test_online_version_moves_for_writers_other_than_the_service(
+    db: asyncpg.Connection,
+) -> None:
+    """The mirror orders online/offline by version: a row inserted or flipped by hand must
+    still move it past what a read before it saw (0 for no row)."""
+    mitra = await db.fetchval("INSERT INTO mitras (display_name) VALUES ('Ayu') RETURNING id")
+    await db.execute(
+        "INSERT INTO mitra_online_status (mitra_id, is_online) VALUES ($1, true)", mitra
+    )
+    inserted = await db.fetchval(
+        "SELECT version FROM mitra_online_status WHERE mitra_id = $1", mitra
+    )
+    await db.execute("UPDATE mitra_online_status SET is_online = false WHERE mitra_id = $1", mitra)
+    flipped = await db.fetchval(
+        "SELECT version FROM mitra_online_status WHERE mitra_id = $1", mitra
+    )
+    await db.execute(
+        "UPDATE mitra_online_status SET last_heartbeat_at = now() WHERE mitra_id = $1", mitra
+    )
+    touched = await db.fetchval(
+        "SELECT version FROM mitra_online_status WHERE mitra_id = $1", mitra
+    )
+
+    assert (inserted, flipped, touched) == (1, 2, 2)
+
+
 async def test_hot_queries_use_indexes_on_large_tables(db: asyncpg.Connection) -> None:
     from availability import truth
 

@@ -148,6 +148,7 @@ async def test_grpcurl_reaches_every_rpc(serve: object, fleet: Fleet) -> None:
         "FindAvailableMitras",
         "CountAvailableMitras",
         "RecomputeLoad",
+        "WatchAvailableMitras",
     ):
         assert f"rpc {rpc}" in description
     assert "last_heartbeat_time" in grpcurl(address, "describe", "availability.v1.MitraStatus")
@@ -180,6 +181,24 @@ async def test_grpcurl_reaches_every_rpc(serve: object, fleet: Fleet) -> None:
         allow_deadline=True,
     )
     assert '"online_mitras": "1"' in watched
+    live = grpcurl(
+        address,
+        f"{SERVICE}/WatchAvailableMitras",
+        data={},
+        options=("-max-time", "2"),
+        allow_deadline=True,
+    )
+    snapshot = json.loads(live)
+    assert int(snapshot["revision"]) > 0
+    assert [m["mitra_id"] for m in snapshot["snapshot"]["mitras"]] == [mitra]
+    resumed = grpcurl(
+        address,
+        f"{SERVICE}/WatchAvailableMitras",
+        data={"resume_revision": snapshot["revision"]},
+        options=("-max-time", "1"),
+        allow_deadline=True,
+    )
+    assert resumed == "", "nothing changed since that revision"
     assert call("SetOffline", mitra_id=mitra)["status"].get("online") is None  # type: ignore[union-attr]
     deactivated = call("SetMitraActive", mitra_id=mitra, active=False)
     assert deactivated["status"].get("active") is None  # type: ignore[union-attr]
