@@ -10,6 +10,9 @@ from typing import TypeVar
 from uuid import UUID
 
 import asyncpg
+import redis.asyncio as redis
+
+from availability.mirror import Keys
 
 T = TypeVar("T")
 
@@ -110,3 +113,13 @@ async def eventually(
             assert value, f"condition not met within {timeout}s (last value {value!r})"
             return value
         await asyncio.sleep(interval)
+
+
+async def notified(valkey: redis.Redis, keys: Keys, *mitras: UUID) -> None:
+    """Wait until the change listener has mirrored these newly inserted mitras, so its
+    resync cannot land after (and undo) what a test then sets in Valkey by hand."""
+
+    async def known() -> bool:
+        return all([await valkey.hexists(keys.capacity, str(m)) for m in mitras])
+
+    await eventually(known)

@@ -21,7 +21,7 @@ from availability.truth import Truth
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, eventually
+from .helpers import Fleet, eventually, notified
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -48,6 +48,7 @@ async def test_freshness_boundary_in_the_cache(
 ) -> None:
     keys = Keys.for_prefix(settings.valkey_key_prefix)
     inside, outside = await fleet.mitra("Inside"), await fleet.mitra("Outside")
+    await notified(valkey, keys, inside, outside)
     for mitra in (inside, outside):
         await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
     seconds, micros = await valkey.time()

@@ -10,12 +10,13 @@ import grpc
 import pytest
 import redis.asyncio as redis
 
+from availability.mirror import Keys
 from availability.server import Server
 from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, eventually
+from .helpers import Fleet, eventually, notified
 
 Stub = pb_grpc.AvailabilityServiceStub
 
@@ -285,6 +286,7 @@ async def test_find_available_skips_stale_mitras(
 ) -> None:
     fresh = await fleet.mitra("Fresh")
     stale = await fleet.mitra("Stale")
+    await notified(valkey, Keys.for_prefix(settings.valkey_key_prefix), fresh, stale)
     for mitra in (fresh, stale):
         await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
     tag = "{" + settings.valkey_key_prefix + "}"

@@ -19,7 +19,7 @@ from availability.sweeps import AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE, Sweeps
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, eventually
+from .helpers import Fleet, eventually, notified
 
 Stub = pb_grpc.AvailabilityServiceStub
 
@@ -40,6 +40,7 @@ async def tick(server: Server, name: str) -> bool:
 
 
 async def make_stale(valkey: redis.Redis, keys: Keys, *mitras: uuid.UUID) -> None:
+    await notified(valkey, keys, *mitras)
     await valkey.zadd(keys.heartbeats, {str(m): 1_000 for m in mitras})
 
 
@@ -302,12 +303,15 @@ async def test_a_late_former_leader_is_fenced_out(
     mitra = await fleet.mitra()
     await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
 
-    new_leader = await availability.truth.take_offline([], AUTO_OFFLINE, 8)
-    late = await availability.truth.take_offline([mitra], AUTO_OFFLINE, 7)
+    old = await availability.mirror.take_lease(AUTO_OFFLINE, "old", 60)
+    new = old + 1
+
+    new_leader = await availability.truth.take_offline([], AUTO_OFFLINE, new)
+    late = await availability.truth.take_offline([mitra], AUTO_OFFLINE, old)
 
     assert new_leader == [] and late == []
-    assert await online_in_truth(db) == {mitra}, "epoch 7 after epoch 8 changes nothing"
-    assert await availability.truth.take_offline([mitra], AUTO_OFFLINE, 8) == [mitra]
+    assert await online_in_truth(db) == {mitra}, "the old epoch after the new changes nothing"
+    assert await availability.truth.take_offline([mitra], AUTO_OFFLINE, new) == [mitra]
 
 
 async def test_lease_has_one_holder_and_passes_on_expiry(server: Server) -> None:
@@ -323,6 +327,25 @@ async def test_lease_has_one_holder_and_passes_on_expiry(server: Server) -> None
     assert second > first
     await mirror.release_lease("test", "a")  # a no longer holds it: no effect
     assert await mirror.take_lease("test", "a", 0.3) == 0
+
+
+async def test_epochs_keep_growing_after_valkey_loses_its_data(
+    server: Server, stub: Stub, fleet: Fleet, db: asyncpg.Connection, valkey: redis.Redis
+) -> None:
+    """A replaced or flushed Valkey starts the epoch counter again; Postgres still holds the
+    last epoch that wrote, so a counter restarting at 1 would fence out every auto-offline."""
+    availability = server.availability
+    assert availability is not None
+    mitra = await fleet.mitra()
+    await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    before = await availability.mirror.take_lease(AUTO_OFFLINE, "old", 60)
+    await availability.truth.take_offline([], AUTO_OFFLINE, before)
+    await valkey.delete(*availability.mirror.keys.lease(AUTO_OFFLINE))
+
+    after = await availability.mirror.take_lease(AUTO_OFFLINE, "new", 60)
+
+    assert after > before
+    assert await availability.truth.take_offline([mitra], AUTO_OFFLINE, after) == [mitra]
 
 
 async def test_two_instances_run_each_sweep_once_per_tick(

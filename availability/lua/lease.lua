@@ -10,6 +10,12 @@ if held then
   end
   return 0
 end
+-- A Valkey that lost its data starts the counter again: from its clock in ms, so a new
+-- epoch still exceeds every one Postgres has recorded in sweep_fences.
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[2], string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
+end
 local epoch = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. '/' .. epoch, 'PX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '/' .. string.format('%d', epoch), 'PX', ARGV[2])
 return epoch
