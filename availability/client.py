@@ -14,6 +14,7 @@ the codes of API.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -205,7 +206,9 @@ class AvailabilityClient:
 
 
 class LiveAvailability:
-    """Available mitras, kept current by WatchAvailableMitras while it is iterated.
+    """Available mitras, kept current by WatchAvailableMitras: either iterate it (each
+    snapshot and change is yielded once applied) or enter it (`async with`), which follows
+    the stream in a background task until the block ends.
 
     in_sync is False until the first snapshot and while reconnecting; a caller that must
     not act on a possibly old set can fall back to find_available_mitras meanwhile.
@@ -223,8 +226,44 @@ class LiveAvailability:
         self._max_backoff = max_backoff
         self._mitras: dict[UUID, AvailableMitra] = {}
         self.revision = 0
-        self.in_sync = False
         self.reconnects = 0
+        self._in_sync = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def in_sync(self) -> bool:
+        return self._in_sync.is_set()
+
+    @in_sync.setter
+    def in_sync(self, value: bool) -> None:
+        if value:
+            self._in_sync.set()
+        else:
+            self._in_sync.clear()
+
+    async def wait_in_sync(self) -> None:
+        """Until the set is current (the first snapshot, or a resumed stream)."""
+        await self._in_sync.wait()
+
+    async def __aenter__(self) -> LiveAvailability:
+        async def follow() -> None:
+            async for _ in self:
+                pass
+
+        self._task = asyncio.create_task(follow(), name="availability-watch")
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
     @property
     def mitras(self) -> Mapping[UUID, AvailableMitra]:

@@ -28,6 +28,9 @@ class ChangeListener:
         self.resyncs = 0
         self.reconnects = 0
         self.connected = asyncio.Event()
+        self.reconcile_on_connect = False
+        """Set after the first connection (the server seeds right after it), and by the
+        server if it had to seed before this connected."""
 
     def _notified(self, payload: str) -> None:
         try:
@@ -41,19 +44,18 @@ class ChangeListener:
         """Listen forever; after a reconnect, reseed, since notifications sent while we were
         away are lost."""
         failures = 0
-        first = True
         while True:
             try:
                 async with self._availability.truth.listen(CHANGE_CHANNEL, self._notified) as conn:
                     conn.add_termination_listener(lambda _conn: self._wake.set())
-                    if not first:
+                    if self.reconcile_on_connect:
                         self.reconnects += 1
                         try:
                             await self._availability.reconcile()
                             log.info("change listener reconnected; mirror reconciled")
                         except MIRROR_ERRORS as exc:
                             log.warning("change listener reconnected; reconcile failed (%r)", exc)
-                    first = False
+                    self.reconcile_on_connect = True
                     failures = 0
                     self.connected.set()
                     while not conn.is_closed():

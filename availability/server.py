@@ -84,14 +84,22 @@ class Server:
 
         if settings.migrate_on_start:
             await truth.migrate()
+        # Listen before seeding: a change notified between the seed's read and LISTEN
+        # would otherwise be lost until the next reconcile.
+        self.listener = ChangeListener(availability)
+        self._tasks.append(asyncio.create_task(self.listener.run(), name="change-listener"))
+        try:
+            async with asyncio.timeout(settings.database_timeout_seconds):
+                await self.listener.connected.wait()
+        except TimeoutError:
+            self.listener.reconcile_on_connect = True
+            log.warning("change listener not connected yet; it keeps trying and reconciles then")
         try:
             seeded, drift = await availability.reconcile()
             log.info("mirror seeded with %d mitras (%d changes)", seeded, drift.total)
         except MIRROR_ERRORS as exc:
             log.warning("Valkey unavailable at start-up (%s); serving from Postgres", exc)
         await availability.watch_hub.start()
-        self.listener = ChangeListener(availability)
-        self._tasks.append(asyncio.create_task(self.listener.run(), name="change-listener"))
         self.sweeps = Sweeps(availability)
         self.sweeps.start()
         await self._set_health(_SERVING)

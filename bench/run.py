@@ -465,6 +465,9 @@ async def main(quick: bool) -> None:
         from .throughput import bench_throughput
 
         rows += await bench_throughput(base.admin_dsn, base.valkey_url, quick)
+        from .watchers import bench_watchers
+
+        rows += await bench_watchers(base.admin_dsn, base.valkey_url, quick)
     write_results(rows, curves, sizes, quick)
     for r in rows:
         progress(f"{r.case}: {r.figure} | {r.comparison} | met={r.met}")

@@ -33,23 +33,6 @@ async def client(server: Server) -> AsyncIterator[AvailabilityClient]:
         yield connected
 
 
-@contextlib.asynccontextmanager
-async def following(live: LiveAvailability) -> AsyncIterator[LiveAvailability]:
-    """Iterate the live set in the background, as the pairing service does."""
-
-    async def follow() -> None:
-        async for _ in live:
-            pass
-
-    task = asyncio.create_task(follow())
-    try:
-        yield live
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def test_every_rpc_returns_the_services_own_types(
     client: AvailabilityClient, fleet: Fleet
 ) -> None:
@@ -84,6 +67,28 @@ async def test_every_rpc_returns_the_services_own_types(
     assert dashboard.counts.active_chats == 1 and dashboard.online_mitras == 0
     assert dashboard.source == Source.CACHE
     assert watched.counts == dashboard.counts
+
+
+async def test_the_pairing_service_blasts_from_the_live_set(
+    client: AvailabilityClient, fleet: Fleet
+) -> None:
+    """The README's example, with the chats and the blast made up."""
+    idle, busy, declined = [await fleet.mitra(n) for n in ("Idle", "Busy", "Declined")]
+    for mitra in (idle, busy, declined):
+        await client.set_online(mitra)
+    await fleet.session(busy)
+    await client.recompute_load([busy])
+    blasted: list[list[UUID]] = []
+
+    async with client.watch_available() as live:
+        await live.wait_in_sync()
+        picks = live.least_loaded(20, exclude=[declined])
+        blasted.append([m.mitra_id for m in picks])
+        await client.set_offline(idle)
+        await eventually(lambda: _true(idle not in live.mitras))
+        blasted.append([m.mitra_id for m in live.least_loaded(20, exclude=[declined])])
+
+    assert blasted == [[idle, busy], [busy]]
 
 
 async def test_errors_keep_their_codes(client: AvailabilityClient, fleet: Fleet) -> None:
@@ -207,7 +212,7 @@ async def test_the_live_set_equals_find_after_every_change_in_a_random_sequence(
         resize,
         heartbeat,
     ]
-    async with following(client.watch_available()) as live:
+    async with client.watch_available() as live:
         await eventually(lambda: converged(live, client))
         for _ in range(40):
             await rng.choice(actions)(rng.choice(mitras))
@@ -222,7 +227,7 @@ async def test_the_live_set_survives_losing_valkey_and_resumes(
     target = f"127.0.0.1:{server_on_own_valkey.port}"
     async with AvailabilityClient(target) as client:
         await client.set_online(ayu)
-        async with following(client.watch_available()) as live:
+        async with client.watch_available() as live:
             await eventually(lambda: converged(live, client))
             own_valkey.kill()
             await eventually(lambda: _not(live.in_sync))

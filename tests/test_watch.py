@@ -320,6 +320,51 @@ async def test_changes_through_either_instance_reach_watchers_on_both(
     assert [m.revision for m in on_first.messages] == [m.revision for m in on_second.messages]
 
 
+async def test_sweeps_on_either_instance_reach_watchers_on_both(
+    quick_settings: Settings, fleet: Fleet, db: asyncpg.Connection
+) -> None:
+    """Staleness is published by whichever instance checks first, the auto-offline runs on
+    whichever holds its lease, a reconcile on either heals drift: each change reaches the
+    watchers of both instances once."""
+    ayu, budi = await fleet.mitra("Ayu"), await fleet.mitra("Budi")
+    async with served(quick_settings) as (_, first), served(quick_settings) as (two, second):
+        await online(first, ayu, budi)
+
+        async def keep_budi_fresh() -> None:
+            while True:
+                await second.Heartbeat(pb.HeartbeatRequest(mitra_id=str(budi)))
+                await asyncio.sleep(0.1)
+
+        beating = asyncio.create_task(keep_budi_fresh())
+        try:
+            async with watching(first) as on_first, watching(second) as on_second:
+                await on_first.wait_for(1)
+                await on_second.wait_for(1)
+                await eventually(lambda: _offline(first, ayu))  # stale, then auto-offline
+                async with db.transaction():
+                    await db.execute("SET LOCAL session_replication_role = replica")
+                    await db.execute(
+                        "UPDATE mitra_online_status SET is_online = false WHERE mitra_id = $1",
+                        budi,
+                    )
+                assert two.availability is not None
+                await two.availability.reconcile()
+                await on_first.wait_for(3)
+                await on_second.wait_for(3)
+                await asyncio.sleep(0.3)
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+
+    expected = [
+        (UNAVAILABLE, str(ayu), 0, pb.UNAVAILABLE_REASON_STALE),
+        (UNAVAILABLE, str(budi), 0, pb.UNAVAILABLE_REASON_OFFLINE),
+    ]
+    assert on_first.changes() == expected
+    assert on_second.changes() == expected
+
+
 async def test_resume_within_retention_replays_only_what_was_missed(
     stub: Stub, fleet: Fleet, server: Server
 ) -> None:
