@@ -29,6 +29,7 @@ for i = 4, #ARGV do
   local id, name, capacity, active, online, version, load, heartbeat, read_at =
     string.match(ARGV[i], '^(.-)\31(.-)\31(.-)\31(.-)\31(.-)\31(.-)\31(.-)\31(.-)\31(.-)$')
   local known_load, known_capacity, serving
+  local known = {}
   local held_read = tonumber(redis.call('HGET', SYNCED, id))
   if not held_read or tonumber(read_at) >= held_read then
     redis.call('HSET', SYNCED, id, read_at)
@@ -45,12 +46,14 @@ for i = 4, #ARGV do
       redis.call('HSET', LOADS, id, load)
     end
     known_load, known_capacity = tonumber(load), tonumber(capacity)
+    known.load, known.capacity, known.name = load, capacity, name
   end
   local held = tonumber(redis.call('HGET', VERSIONS, id))
   if not held or tonumber(version) >= held then
     redis.call('HSET', VERSIONS, id, version)
     set_member(DEACTIVATED, id, active ~= '1', 2)
     serving = active == '1' and online == '1'
+    known.deactivated, known.online = active ~= '1', online == '1'
     if serving then
       set_member(ONLINE, id, true, 1)
       local held_hb = tonumber(redis.call('ZSCORE', HEARTBEATS, id))
@@ -63,13 +66,15 @@ for i = 4, #ARGV do
         if held_hb then
           changed[5] = changed[5] + 1
         end
+        held_hb = seeded
       end
+      known.heartbeat = held_hb
     else
       set_member(ONLINE, id, false, 1)
       redis.call('ZREM', HEARTBEATS, id)
     end
   end
   changed[6] = changed[6] + update_ready(id, now_s, known_load, known_capacity, serving)
-  publish(id, now, stale_ms, retain)
+  publish(id, now, stale_ms, retain, known)
 end
 return changed

@@ -52,24 +52,35 @@ end
 -- available (id -> load US capacity US name). publish() compares a mitra's availability now
 -- with it and, when they differ, appends one change to the EVENTS stream under the next
 -- REVISION, so every path that changes availability feeds watchers through here.
--- available_now returns those fields when available, else nil, the reason and the fields.
-local function available_now(id, now, stale_ms)
-  local capacity = redis.call('HGET', CAPACITY, id)
+-- available_now returns those fields when available, else nil, the reason and the fields;
+-- `known` holds what the caller already knows of the mitra (apply knows it all), so only
+-- the rest is read.
+local function available_now(id, now, stale_ms, known)
+  local capacity = known.capacity or redis.call('HGET', CAPACITY, id)
   if not capacity then
     return nil, 'removed'
   end
-  local load = redis.call('HGET', LOADS, id) or '0'
-  local fields = load .. '\31' .. capacity .. '\31' .. (redis.call('HGET', NAMES, id) or '')
-  if redis.call('SISMEMBER', DEACTIVATED, id) == 1 then
+  local load = known.load or redis.call('HGET', LOADS, id) or '0'
+  local name = known.name or redis.call('HGET', NAMES, id) or ''
+  local fields = load .. '\31' .. capacity .. '\31' .. name
+  local deactivated = known.deactivated
+  if deactivated == nil then
+    deactivated = redis.call('SISMEMBER', DEACTIVATED, id) == 1
+  end
+  if deactivated then
     return nil, 'deactivated', fields
   end
-  if redis.call('SISMEMBER', ONLINE, id) == 0 then
+  local online = known.online
+  if online == nil then
+    online = redis.call('SISMEMBER', ONLINE, id) == 1
+  end
+  if not online then
     return nil, 'offline', fields
   end
   if tonumber(load) >= tonumber(capacity) then
     return nil, 'full', fields
   end
-  local heartbeat = tonumber(redis.call('ZSCORE', HEARTBEATS, id))
+  local heartbeat = known.heartbeat or tonumber(redis.call('ZSCORE', HEARTBEATS, id))
   if not heartbeat or heartbeat < now - stale_ms then
     return nil, 'stale', fields
   end
@@ -94,9 +105,9 @@ end
 
 -- Returns 1 when the mitra's published availability changed. While the mirror is being
 -- seeded, PUBLISHED follows silently: watchers take a fresh snapshot once it is seeded.
-local function publish(id, now, stale_ms, retain)
+local function publish(id, now, stale_ms, retain, known)
   local held = redis.call('HGET', PUBLISHED, id)
-  local value, reason, current = available_now(id, now, stale_ms)
+  local value, reason, current = available_now(id, now, stale_ms, known or {})
   if value == held or (not value and not held) then
     return 0
   end
