@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 
@@ -122,6 +123,34 @@ async def test_heartbeat_of_deactivated_mitra_is_permission_denied(
     await stub.SetMitraActive(pb.SetMitraActiveRequest(mitra_id=str(mitra), active=False))
     code = await code_of(stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(mitra))))
     assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_concurrent_heartbeats_share_script_calls_and_each_gets_its_own_answer(
+    stub: Stub, fleet: Fleet, server: Server
+) -> None:
+    online = [await fleet.mitra(f"Online {i}") for i in range(5)]
+    offline = await fleet.mitra("Offline")
+    deactivated = await fleet.mitra("Deactivated")
+    for mitra in online:
+        await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    await stub.SetMitraActive(pb.SetMitraActiveRequest(mitra_id=str(deactivated), active=False))
+    assert server.availability is not None
+    mirror = server.availability.mirror
+    before = mirror.heartbeat_calls
+    rounds = 40
+
+    async def beat(mitra: uuid.UUID) -> object:
+        try:
+            return (await stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(mitra)))).online
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+
+    senders = [*online, offline, deactivated] * rounds
+    answers = await asyncio.gather(*(beat(m) for m in senders))
+
+    expected = [True] * len(online) + [False, grpc.StatusCode.PERMISSION_DENIED]
+    assert answers == expected * rounds
+    assert mirror.heartbeat_calls - before < len(senders), "some went together"
 
 
 async def test_heartbeat_of_mitra_the_mirror_has_not_seen_asks_the_truth(

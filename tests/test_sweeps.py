@@ -295,6 +295,28 @@ async def test_reconcile_does_not_forget_a_mitra_created_during_it(
     assert forgotten == 0 and await valkey.hexists(keys.capacity, str(late))
 
 
+async def test_one_write_naming_a_mitra_twice_keeps_the_newer_state(
+    server: Server, stub: Stub, fleet: Fleet, valkey: redis.Redis, settings: Settings
+) -> None:
+    """The mirror script reads a batch's state once, so repeats go in separate batches and
+    the version fence still orders them."""
+    availability = server.availability
+    assert availability is not None
+    keys = Keys.for_prefix(settings.valkey_key_prefix)
+    mitra = await fleet.mitra()
+    await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    (online,) = await availability.truth.states([mitra])
+    await stub.SetOffline(pb.SetOfflineRequest(mitra_id=str(mitra)))
+    (offline,) = await availability.truth.states([mitra])
+
+    await availability.mirror.apply([offline, online])
+    after_late_online = await valkey.sismember(keys.online, str(mitra))
+    await availability.mirror.apply([replace(online, version=offline.version + 1), offline])
+
+    assert not after_late_online, "the older online state came second and lost"
+    assert await valkey.sismember(keys.online, str(mitra)), "the newer one won"
+
+
 async def test_a_late_former_leader_is_fenced_out(
     server: Server, stub: Stub, fleet: Fleet, db: asyncpg.Connection
 ) -> None:

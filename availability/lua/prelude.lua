@@ -23,56 +23,21 @@ end
 -- their load last changed (or they came online): least loaded, then longest idle.
 local LOAD_SCALE = 1e10
 
--- Keeps READY and BUSY in step with one mitra's state. The caller passes what it already
--- knows (nil to read it here): load, capacity, and serving (online and not deactivated).
-local function update_ready(id, now_s, load, capacity, serving)
-  load = load or tonumber(redis.call('HGET', LOADS, id)) or 0
-  capacity = capacity or tonumber(redis.call('HGET', CAPACITY, id)) or 0
-  if serving == nil then
-    serving = redis.call('SISMEMBER', ONLINE, id) == 1
-      and redis.call('SISMEMBER', DEACTIVATED, id) == 0
-  end
-  if serving then
-    redis.call('ZADD', BUSY, load, id)
-  else
-    redis.call('ZREM', BUSY, id)
-  end
-  if serving and load < capacity then
-    local score = tonumber(redis.call('ZSCORE', READY, id))
-    if score and math.floor(score / LOAD_SCALE) == load then
-      return 0
-    end
-    redis.call('ZADD', READY, string.format('%d', load * LOAD_SCALE + now_s), id)
-    return 1
-  end
-  return redis.call('ZREM', READY, id)
-end
-
 -- The watch stream (WatchAvailableMitras). PUBLISHED holds what watchers were told is
--- available (id -> load US capacity US name). publish() compares a mitra's availability now
--- with it and, when they differ, appends one change to the EVENTS stream under the next
--- REVISION, so every path that changes availability feeds watchers through here.
--- available_now returns those fields when available, else nil, the reason and the fields;
--- `known` holds what the caller already knows of the mitra (apply knows it all), so only
--- the rest is read.
-local function available_now(id, now, stale_ms, known)
-  local capacity = known.capacity or redis.call('HGET', CAPACITY, id)
+-- available (id -> load US capacity US name). Whatever changes a mitra compares its
+-- availability now with that and, when they differ, appends one change to the EVENTS stream
+-- under the next REVISION: every path that changes availability feeds watchers through here.
+
+-- A mitra's availability from what is known of it: its PUBLISHED value when available, else
+-- nil and the reason; and its fields either way (nil for a mitra the mirror does not have).
+local function judge(capacity, load, name, deactivated, online, heartbeat, now, stale_ms)
   if not capacity then
     return nil, 'removed'
   end
-  local load = known.load or redis.call('HGET', LOADS, id) or '0'
-  local name = known.name or redis.call('HGET', NAMES, id) or ''
-  local fields = load .. '\31' .. capacity .. '\31' .. name
-  local deactivated = known.deactivated
-  if deactivated == nil then
-    deactivated = redis.call('SISMEMBER', DEACTIVATED, id) == 1
-  end
+  load = load or '0'
+  local fields = load .. '\31' .. capacity .. '\31' .. (name or '')
   if deactivated then
     return nil, 'deactivated', fields
-  end
-  local online = known.online
-  if online == nil then
-    online = redis.call('SISMEMBER', ONLINE, id) == 1
   end
   if not online then
     return nil, 'offline', fields
@@ -80,11 +45,21 @@ local function available_now(id, now, stale_ms, known)
   if tonumber(load) >= tonumber(capacity) then
     return nil, 'full', fields
   end
-  local heartbeat = known.heartbeat or tonumber(redis.call('ZSCORE', HEARTBEATS, id))
   if not heartbeat or heartbeat < now - stale_ms then
     return nil, 'stale', fields
   end
-  return fields
+  return fields, nil, fields
+end
+
+-- The change from held (what watchers were told) to value: kind, reason, fields; nil if none.
+local function change_of(held, value, reason, fields)
+  if value == held or (not value and not held) then
+    return nil
+  end
+  if value then
+    return held and 'l' or 'a', '', value
+  end
+  return 'u', reason, fields or held
 end
 
 -- Revisions start from Valkey's clock in microseconds, so a Valkey that lost its data
@@ -98,30 +73,39 @@ local function current_revision(now)
   return revision
 end
 
-local function next_revision(now)
+-- While the mirror is being seeded PUBLISHED follows silently (callers check SEEDED):
+-- watchers take a fresh snapshot once it is seeded.
+local function append_change(now, retain, kind, reason, id, fields)
   current_revision(now)
-  return redis.call('INCR', REVISION)
+  local revision = redis.call('INCR', REVISION)
+  redis.call('XADD', EVENTS, 'MAXLEN', '~', retain, string.format('%d-0', revision),
+    'e', kind .. '\31' .. reason .. '\31' .. id .. '\31' .. fields)
 end
 
--- Returns 1 when the mitra's published availability changed. While the mirror is being
--- seeded, PUBLISHED follows silently: watchers take a fresh snapshot once it is seeded.
-local function publish(id, now, stale_ms, retain, known)
+-- One mitra, everything read here. Returns 1 when its published availability changed.
+local function publish(id, now, stale_ms, retain)
   local held = redis.call('HGET', PUBLISHED, id)
-  local value, reason, current = available_now(id, now, stale_ms, known or {})
-  if value == held or (not value and not held) then
+  local value, reason, fields = judge(
+    redis.call('HGET', CAPACITY, id),
+    redis.call('HGET', LOADS, id),
+    redis.call('HGET', NAMES, id),
+    redis.call('SISMEMBER', DEACTIVATED, id) == 1,
+    redis.call('SISMEMBER', ONLINE, id) == 1,
+    tonumber(redis.call('ZSCORE', HEARTBEATS, id)),
+    now,
+    stale_ms
+  )
+  local kind, why, payload = change_of(held, value, reason, fields)
+  if not kind then
     return 0
   end
-  local kind, fields
   if value then
     redis.call('HSET', PUBLISHED, id, value)
-    kind, reason, fields = held and 'l' or 'a', '', value
   else
     redis.call('HDEL', PUBLISHED, id)
-    kind, fields = 'u', current or held
   end
   if redis.call('EXISTS', SEEDED) == 1 then
-    redis.call('XADD', EVENTS, 'MAXLEN', '~', retain, string.format('%d-0', next_revision(now)),
-      'e', kind .. '\31' .. reason .. '\31' .. id .. '\31' .. fields)
+    append_change(now, retain, kind, why, id, payload)
   end
   return 1
 end
