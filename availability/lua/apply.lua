@@ -20,9 +20,7 @@ local CHUNK = 500
 
 -- Split with plain finds: a pattern of nine lazy captures costs more than the rest of a row.
 local find, sub = string.find, string.sub
-local ids, rows = {}, {}
-for i = 4, #ARGV do
-  local packed = ARGV[i]
+local function fields(packed)
   local row, start = {}, 1
   for f = 1, 8 do
     local stop = find(packed, '\31', start, true)
@@ -30,8 +28,12 @@ for i = 4, #ARGV do
     start = stop + 1
   end
   row[9] = sub(packed, start)
-  ids[#ids + 1] = row[1]
-  rows[#rows + 1] = row
+  return unpack(row)
+end
+
+local ids = {}
+for i = 4, #ARGV do
+  ids[#ids + 1] = sub(ARGV[i], 1, find(ARGV[i], '\31', 1, true) - 1)
 end
 if #ids == 0 then
   return changed
@@ -75,7 +77,7 @@ local function write(command, key, first, second)
 end
 
 for i, id in ipairs(ids) do
-  local _, name, capacity, active, online, version, load, heartbeat, read_at = unpack(rows[i])
+  local _, name, capacity, active, online, version, load, heartbeat, read_at = fields(ARGV[i + 3])
   local held_name, held_capacity, held_load = names[i], capacities[i], loads[i]
   local held_read = tonumber(synced[i])
   if not held_read or tonumber(read_at) >= held_read then
