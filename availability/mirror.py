@@ -20,7 +20,7 @@ import redis.asyncio as redis
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .model import (
     AvailabilityChange,
@@ -159,6 +159,10 @@ def _time(ms: float) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
+def _bulk(part: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(part), part)
+
+
 def _distinct_batches(states: Sequence[MitraState], size: int) -> list[list[MitraState]]:
     """Batches in order, none naming a mitra twice (apply.lua reads a batch's state once)."""
     batches: list[list[MitraState]] = []
@@ -231,7 +235,9 @@ class Mirror:
         self._beacon_ttl_ms = int(settings.beacon_shared_seconds * 1000)
         self._retain = settings.watch_retained_changes
         self._beats: list[tuple[str, asyncio.Future[int]]] = []
-        self._beating: asyncio.Task[None] | None = None
+        self._beating = False
+        self._sender: asyncio.Task[None] | None = None
+        self._beat_connection: Connection | None = None
         self.heartbeat_calls = 0
         """Script calls that carried heartbeats (fewer than heartbeats under load)."""
         self._heartbeat = client.register_script(_script("heartbeat"))
@@ -248,11 +254,24 @@ class Mirror:
         self._release = client.register_script(_script("release", prelude=False))
         self._watch_expire = client.register_script(_script("watch_expire"))
         self._watch_snapshot = client.register_script(_script("watch_snapshot"))
+        self._beat_head = [
+            _bulk(part)
+            for part in (
+                b"EVALSHA",
+                self._heartbeat.sha.encode(),
+                str(len(self._all_keys)).encode(),
+                *(key.encode() for key in self._all_keys),
+                str(self._stale_ms).encode(),
+                str(self._retain).encode(),
+            )
+        ]
 
     async def _run(self, script: Any, *args: object) -> Any:
         return await script(keys=self._all_keys, args=list(args))
 
     async def close(self) -> None:
+        if self._beat_connection is not None:
+            await self._beat_connection.disconnect()
         await self.client.aclose()
         await self._reader.aclose()
 
@@ -266,22 +285,28 @@ class Mirror:
         """Group commit: while one script call is in flight, the heartbeats that arrive wait
         and go together in the next. Alone, a heartbeat goes at once; under load the Redis
         client's cost per call (a third of a heartbeat's CPU) is shared by the batch."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._beats.append((str(mitra_id), future))
-        if self._beating is None:
-            self._beating = asyncio.create_task(self._send_heartbeats())
-        return HeartbeatOutcome(await future)
+        if self._beating:
+            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._beats.append((str(mitra_id), future))
+            return HeartbeatOutcome(await future)
+        # Nothing in flight: this one goes at once, in this task, without a future.
+        self._beating = True
+        try:
+            (outcome,) = await self._beat([str(mitra_id)])
+        finally:
+            if self._beats:
+                self._sender = asyncio.create_task(self._send_heartbeats())
+            else:
+                self._beating = False
+        return HeartbeatOutcome(int(outcome))
 
     async def _send_heartbeats(self) -> None:
         try:
             while self._beats:
                 batch = self._beats[:_HEARTBEAT_BATCH]
                 del self._beats[:_HEARTBEAT_BATCH]
-                self.heartbeat_calls += 1
                 try:
-                    outcomes = await self._run(
-                        self._heartbeat, self._stale_ms, self._retain, *(b[0] for b in batch)
-                    )
+                    outcomes = await self._beat([b[0] for b in batch])
                 except BaseException as exc:
                     for _, future in batch:
                         if future.done():
@@ -297,10 +322,31 @@ class Mirror:
                     if not future.done():
                         future.set_result(int(outcome))
         finally:
-            self._beating = None
+            self._beating = False
             for _, future in self._beats:
                 future.cancel()
             self._beats.clear()
+
+    async def _beat(self, ids: list[str]) -> list[int]:
+        """One heartbeat script call, on a connection of its own with the command packed by
+        hand: heartbeats go one call at a time (the group commit above), and the client's
+        pool and packing cost more than the rest of a heartbeat's Redis work."""
+        self.heartbeat_calls += 1
+        if self._beat_connection is None:
+            self._beat_connection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        connection = self._beat_connection
+        packed = [b"*%d\r\n" % (len(self._beat_head) + len(ids)), *self._beat_head]
+        packed += [b"$%d\r\n%s\r\n" % (len(i), i.encode()) for i in ids]
+        try:
+            await connection.send_packed_command(b"".join(packed), check_health=False)
+            reply: list[int] = await connection.read_response()
+        except NoScriptError:
+            # Valkey lost its scripts (restarted): the regular path loads it again.
+            return list(await self._run(self._heartbeat, self._stale_ms, self._retain, *ids))
+        except BaseException:
+            await connection.disconnect()
+            raise
+        return reply
 
     async def apply(self, states: Sequence[MitraState]) -> Drift:
         """Mirror states read from the truth (write-through, resync and reconcile all use this);

@@ -153,6 +153,23 @@ async def test_concurrent_heartbeats_share_script_calls_and_each_gets_its_own_an
     assert mirror.heartbeat_calls - before < len(senders), "some went together"
 
 
+async def test_heartbeat_survives_valkey_forgetting_its_scripts(
+    stub: Stub, fleet: Fleet, server: Server, valkey: redis.Redis
+) -> None:
+    """The heartbeat sends its script by hash on a connection of its own; a Valkey that lost
+    its scripts (a restart, SCRIPT FLUSH) gets it loaded again, without a fallback."""
+    mitra = await fleet.mitra()
+    await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    assert (await stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(mitra)))).online
+    await valkey.script_flush()
+
+    reply = await stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(mitra)))
+
+    assert reply.online
+    assert server.availability is not None
+    assert "heartbeat" not in server.availability.counters.fallbacks
+
+
 async def test_heartbeat_of_mitra_the_mirror_has_not_seen_asks_the_truth(
     stub: Stub, fleet: Fleet, server: Server, valkey: redis.Redis, settings: Settings
 ) -> None:
