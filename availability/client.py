@@ -101,8 +101,11 @@ class AvailabilityClient:
         timeout: float = 5.0,
         attempts: int = 4,
         metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """token: one of the server's AUTH_TOKENS, sent as a bearer token. credentials: for
+        TLS, e.g. grpc.ssl_channel_credentials(ca, client_key, client_chain) for mutual TLS."""
         options = [
             ("grpc.service_config", service_config(timeout, attempts)),
             ("grpc.enable_retries", 1),
@@ -112,6 +115,8 @@ class AvailabilityClient:
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._metadata = tuple(metadata)
+        if token is not None:
+            self._metadata += (("authorization", f"Bearer {token}"),)
         self._stub = pb_grpc.AvailabilityServiceStub(self._channel)
         self._dashboard = dashboard_pb_grpc.DashboardServiceStub(self._channel)
 

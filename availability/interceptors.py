@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -107,3 +108,65 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+_OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+"""Load balancers and orchestrators probe health without credentials."""
+
+
+class Authentication(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Bearer tokens (AUTH_TOKENS): `authorization: Bearer <token>` must match one of them.
+    Every token is compared, in constant time, so timing tells nothing about which failed."""
+
+    def __init__(self, tokens: tuple[str, ...]) -> None:
+        self._tokens = [token.encode() for token in tokens]
+
+    def _allowed(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> bool:
+        presented = b""
+        for key, value in metadata or ():
+            if key == "authorization":
+                text = value.decode(errors="replace") if isinstance(value, bytes) else value
+                scheme, _, credential = text.partition(" ")
+                if scheme.lower() == "bearer":
+                    presented = credential.strip().encode()
+        matched = False
+        for accepted in self._tokens:
+            matched |= hmac.compare_digest(presented, accepted)
+        return matched and bool(presented)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        method = handler_call_details.method
+        if method.startswith(_OPEN_SERVICES) or self._allowed(
+            handler_call_details.invocation_metadata
+        ):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return _refusal(handler)
+
+
+async def _refuse(request: Any, context: Context) -> None:
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing or invalid credentials: send metadata authorization: Bearer <token>",
+    )
+
+
+def _refusal(handler: Handler) -> Handler:
+    """A handler of the same shape as the one refused, that answers UNAUTHENTICATED."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(_refuse, **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(_refuse, **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(_refuse, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(_refuse, **kwargs)

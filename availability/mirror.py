@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +22,9 @@ import redis.asyncio as redis
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .model import (
     AvailabilityChange,
@@ -37,7 +41,11 @@ from .model import (
 )
 from .settings import Settings
 
+log = logging.getLogger(__name__)
+
 _APPLY_BATCH = 1000
+_OUTAGES = (RedisConnectionError, RedisTimeoutError, OSError)
+"""Failures that say Valkey is unreachable (a script's own error, like UNSEEDED, does not)."""
 _FIELD = "\x1f"  # ASCII unit separator: cannot occur in ids or numbers; names are cleaned of it
 _EXPIRE_BATCH = 10_000
 _HEARTBEAT_BATCH = 500
@@ -50,8 +58,55 @@ class MirrorMiss(Exception):
     """The mirror does not know this mitra (yet): ask the truth."""
 
 
-MIRROR_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, MirrorMiss)
+class MirrorDown(Exception):
+    """The breaker is open: Valkey failed repeatedly, so calls fail at once for a while."""
+
+
+MIRROR_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, MirrorMiss, MirrorDown)
 """What makes a reader fall back to Postgres."""
+
+
+class Breaker:
+    """After `failures` consecutive failed calls, Valkey is taken as down for `seconds`: calls
+    fail at once (MirrorDown), so readers reach Postgres without first waiting out
+    VALKEY_TIMEOUT_SECONDS each. Then one call probes; its success closes the breaker, its
+    failure opens it again."""
+
+    def __init__(self, failures: int, seconds: float) -> None:
+        self._threshold = failures
+        self._seconds = seconds
+        self._failures = 0
+        self._open_until = 0.0
+        self._probing = False
+        self.opened = 0
+        self.short_circuits = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._failures >= self._threshold
+
+    def check(self) -> None:
+        if not self.is_open:
+            return
+        if time.monotonic() < self._open_until or self._probing:
+            self.short_circuits += 1
+            raise MirrorDown("Valkey is failing; not trying again for now")
+        self._probing = True
+
+    def failed(self) -> None:
+        self._failures += 1
+        self._probing = False
+        if self._failures >= self._threshold:
+            if self._failures == self._threshold:
+                self.opened += 1
+                log.warning("Valkey breaker open: %d calls in a row failed", self._failures)
+            self._open_until = time.monotonic() + self._seconds
+
+    def succeeded(self) -> None:
+        if self.is_open:
+            log.info("Valkey breaker closed: the probe succeeded")
+        self._failures = 0
+        self._probing = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +283,7 @@ class Mirror:
         self.client = client
         # XREAD BLOCK holds its connection: the watch hub gets a client of its own.
         self._reader = connect_valkey(settings, blocking_seconds=WATCH_BLOCK_SECONDS)
+        self.breaker = Breaker(settings.valkey_breaker_failures, settings.valkey_breaker_seconds)
         self.keys = Keys.for_prefix(settings.valkey_key_prefix)
         self._all_keys = self.keys.all()
         self._stale_ms = int(settings.heartbeat_stale_seconds * 1000)
@@ -267,7 +323,14 @@ class Mirror:
         ]
 
     async def _run(self, script: Any, *args: object) -> Any:
-        return await script(keys=self._all_keys, args=list(args))
+        self.breaker.check()
+        try:
+            reply = await script(keys=self._all_keys, args=list(args))
+        except _OUTAGES:
+            self.breaker.failed()
+            raise
+        self.breaker.succeeded()
+        return reply
 
     async def close(self) -> None:
         if self._beat_connection is not None:
@@ -332,6 +395,7 @@ class Mirror:
         hand: heartbeats go one call at a time (the group commit above), and the client's
         pool and packing cost more than the rest of a heartbeat's Redis work."""
         self.heartbeat_calls += 1
+        self.breaker.check()
         if self._beat_connection is None:
             self._beat_connection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         connection = self._beat_connection
@@ -343,9 +407,12 @@ class Mirror:
         except NoScriptError:
             # Valkey lost its scripts (restarted): the regular path loads it again.
             return list(await self._run(self._heartbeat, self._stale_ms, self._retain, *ids))
-        except BaseException:
+        except BaseException as exc:
             await connection.disconnect()
+            if isinstance(exc, _OUTAGES):
+                self.breaker.failed()
             raise
+        self.breaker.succeeded()
         return reply
 
     async def apply(self, states: Sequence[MitraState]) -> Drift:

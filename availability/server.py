@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -17,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .domain import Availability
-from .interceptors import ErrorMapping
+from .interceptors import Authentication, ErrorMapping
 from .listener import ChangeListener
 from .mirror import MIRROR_ERRORS, Mirror, connect_valkey
 from .services.availability import AvailabilityService
@@ -62,8 +63,11 @@ class Server:
         mirror = Mirror(connect_valkey(settings, self._valkey_connected), settings)
         self.availability = availability = Availability(truth, mirror, settings)
 
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMapping()]  # type: ignore[type-arg]
+        if settings.auth_tokens:
+            interceptors.insert(0, Authentication(settings.auth_tokens))
         self._grpc = grpc.aio.server(
-            interceptors=[ErrorMapping()],
+            interceptors=interceptors,
             options=[("grpc.so_reuseport", int(reuse_port))],
         )
         pb_grpc.add_AvailabilityServiceServicer_to_server(
@@ -73,11 +77,16 @@ class Server:
             DashboardService(availability), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
-        )
+        if settings.grpc_reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+            )
         await self._set_health(_NOT_SERVING)
-        self.port = self._grpc.add_insecure_port(settings.grpc_address)
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = self._grpc.add_insecure_port(settings.grpc_address)
+        else:
+            self.port = self._grpc.add_secure_port(settings.grpc_address, credentials)
         if self.port == 0:
             raise OSError(f"cannot bind GRPC_ADDRESS {settings.grpc_address}")
         await self._grpc.start()
@@ -146,6 +155,19 @@ class Server:
                 await step
         except TimeoutError:
             log.error("shutdown: %s did not finish within %.0fs; going on", name, seconds)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from TLS_CERT_FILE/TLS_KEY_FILE; with TLS_CLIENT_CA_FILE, clients must present a
+    certificate that CA signed (mutual TLS). None: plaintext."""
+    if not settings.tls_cert_file:
+        return None
+    key = Path(settings.tls_key_file).read_bytes()
+    chain = Path(settings.tls_cert_file).read_bytes()
+    ca = Path(settings.tls_client_ca_file).read_bytes() if settings.mutual_tls else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 async def _finished(task: asyncio.Task[None]) -> None:

@@ -6,7 +6,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -38,7 +38,14 @@ class Settings:
     watch_buffer_events: int = 1_000
     database_timeout_seconds: float = 5.0
     valkey_timeout_seconds: float = 0.25
+    valkey_breaker_failures: int = 3
+    valkey_breaker_seconds: float = 1.0
     allow_insecure_network: bool = False
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    grpc_reflection: bool = True
     migrate_on_start: bool = True
     log_level: str = "INFO"
 
@@ -66,20 +73,14 @@ class Settings:
         """Build and validate settings; raises SettingsError naming the first bad one."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        for field in fields(cls):
-            name = field.name.upper()
+        for spec in fields(cls):
+            name = spec.name.upper()
             raw = env.get(name)
             if raw is None or raw == "":
-                if field.default is MISSING:
+                if spec.default is MISSING:
                     raise SettingsError(f"{name} is required")
                 continue
-            values[field.name] = _parse(name, raw, _PARSERS.get(field.name, str))
-        for name in _NOT_YET:
-            if env.get(name):
-                raise SettingsError(
-                    f"{name} is not supported by this version; refusing to start rather than "
-                    "run without what it asks for"
-                )
+            values[spec.name] = _parse(name, raw, _PARSERS.get(spec.name, str))
         settings = cls(**values)
         settings._validate()
         if settings.valkey_cluster:
@@ -95,6 +96,7 @@ class Settings:
             "beacon_ttl_seconds",
             "database_timeout_seconds",
             "valkey_timeout_seconds",
+            "valkey_breaker_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
@@ -109,6 +111,7 @@ class Settings:
             "mass_stale_max_per_sweep",
             "watch_retained_changes",
             "watch_buffer_events",
+            "valkey_breaker_failures",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
@@ -120,19 +123,35 @@ class Settings:
             raise SettingsError(
                 "VALKEY_KEY_PREFIX must be 1-64 characters of letters, digits, '_', '.', ':' or '-'"
             )
-        host = _split_address(self.grpc_address)
-        if not _is_loopback(host) and not self.allow_insecure_network:
-            raise SettingsError(
-                f"GRPC_ADDRESS {self.grpc_address} is beyond loopback; "
-                "set ALLOW_INSECURE_NETWORK=true to serve it without authentication"
-            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        self._validate_security()
 
+    @property
+    def mutual_tls(self) -> bool:
+        return bool(self.tls_client_ca_file)
 
-# Settings of API.md that later versions honour. Until then, setting one stops start-up:
-# silently serving without the authentication or TLS it asks for would be worse.
-_NOT_YET = ("AUTH_TOKENS", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE")
+    def _validate_security(self) -> None:
+        for token in self.auth_tokens:
+            if any(c.isspace() for c in token):
+                raise SettingsError("AUTH_TOKENS: a token cannot contain whitespace")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            missing = "TLS_KEY_FILE" if self.tls_cert_file else "TLS_CERT_FILE"
+            raise SettingsError(f"{missing} is required with the other TLS file")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise SettingsError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise SettingsError(f"{name.upper()}: cannot read {path}")
+        host = _split_address(self.grpc_address)
+        protected = bool(self.auth_tokens) or self.mutual_tls
+        if not _is_loopback(host) and not protected and not self.allow_insecure_network:
+            raise SettingsError(
+                f"GRPC_ADDRESS {self.grpc_address} is beyond loopback without AUTH_TOKENS or "
+                "mutual TLS (TLS_CLIENT_CA_FILE); set one, or ALLOW_INSECURE_NETWORK=true to "
+                "serve it unauthenticated"
+            )
 
 
 def _parse(name: str, raw: str, parser: Callable[[str], T]) -> T:
@@ -149,6 +168,13 @@ def _bool(raw: str) -> bool:
     if lowered in ("false", "0", "no", "off"):
         return False
     raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _tokens(raw: str) -> tuple[str, ...]:
+    tokens = tuple(t.strip() for t in raw.split(",") if t.strip())
+    if not tokens:
+        raise ValueError("expected comma-separated tokens, got none")
+    return tokens
 
 
 def _float(raw: str) -> float:
@@ -173,8 +199,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "beacon_ttl_seconds": _float,
     "database_timeout_seconds": _float,
     "valkey_timeout_seconds": _float,
+    "valkey_breaker_seconds": _float,
+    "valkey_breaker_failures": _int,
     "valkey_cluster": _bool,
     "allow_insecure_network": _bool,
+    "grpc_reflection": _bool,
+    "auth_tokens": _tokens,
     "migrate_on_start": _bool,
     "default_max_concurrent_sessions": _int,
     "database_pool_size": _int,

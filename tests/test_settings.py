@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,10 +89,54 @@ def test_serve_with_bad_setting_exits_with_one_line() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_cluster_mode_is_refused_until_it_is_supported() -> None:
+    with pytest.raises(SettingsError, match="VALKEY_CLUSTER"):
+        Settings.from_env({**BASE, "VALKEY_CLUSTER": "true"})
+
+
+def test_beyond_loopback_is_refused_without_tokens_or_mutual_tls() -> None:
+    with pytest.raises(SettingsError, match="AUTH_TOKENS") as refused:
+        Settings.from_env({**BASE, "GRPC_ADDRESS": "0.0.0.0:50051"})
+    assert "ALLOW_INSECURE_NETWORK" in str(refused.value)
+
+
+def test_tokens_allow_binding_beyond_loopback_and_rotate(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {**BASE, "GRPC_ADDRESS": "0.0.0.0:50051", "AUTH_TOKENS": " old-token , new-token ,"}
+    )
+    assert settings.auth_tokens == ("old-token", "new-token")
+    assert "old-token" not in repr(settings), "tokens stay out of logs"
+
+
+def test_mutual_tls_allows_binding_beyond_loopback(tmp_path: Path) -> None:
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (tmp_path / name).write_text("x")
+    settings = Settings.from_env(
+        {
+            **BASE,
+            "GRPC_ADDRESS": "0.0.0.0:50051",
+            "TLS_CERT_FILE": str(tmp_path / "cert.pem"),
+            "TLS_KEY_FILE": str(tmp_path / "key.pem"),
+            "TLS_CLIENT_CA_FILE": str(tmp_path / "ca.pem"),
+        }
+    )
+    assert settings.mutual_tls
+
+
 @pytest.mark.parametrize(
-    ("name", "value"),
-    [("AUTH_TOKENS", "secret"), ("TLS_CERT_FILE", "/x.pem"), ("VALKEY_CLUSTER", "true")],
+    ("env", "named"),
+    [
+        ({"TLS_CERT_FILE": "cert.pem"}, "TLS_KEY_FILE"),
+        ({"TLS_KEY_FILE": "key.pem"}, "TLS_CERT_FILE"),
+        ({"TLS_CLIENT_CA_FILE": "ca.pem"}, "TLS_CLIENT_CA_FILE"),
+        ({"TLS_CERT_FILE": "missing.pem", "TLS_KEY_FILE": "key.pem"}, "TLS_CERT_FILE"),
+        ({"AUTH_TOKENS": " , "}, "AUTH_TOKENS"),
+        ({"GRPC_REFLECTION": "maybe"}, "GRPC_REFLECTION"),
+    ],
 )
-def test_settings_this_version_cannot_honour_stop_start_up(name: str, value: str) -> None:
-    with pytest.raises(SettingsError, match=name):
-        Settings.from_env({**BASE, name: value})
+def test_bad_security_settings_are_named(tmp_path: Path, env: dict[str, str], named: str) -> None:
+    (tmp_path / "cert.pem").write_text("x")
+    (tmp_path / "key.pem").write_text("x")
+    resolved = {k: str(tmp_path / v) if k.startswith("TLS_") else v for k, v in env.items()}
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env({**BASE, **resolved})

@@ -4,17 +4,19 @@ heartbeat guard falls back to Postgres and records there."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import asyncpg
 import grpc
 import pytest
 
 from availability.local_stores import LocalValkey
-from availability.server import Server
+from availability.server import Server, running
+from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet
+from .helpers import Fleet, eventually
 
 Stub = pb_grpc.AvailabilityServiceStub
 
@@ -119,3 +121,44 @@ async def test_postgres_fallback_freshness_allows_for_the_flush_lag(
 
     assert lagging_status.status.fresh, "Postgres lags Valkey by up to one flush interval"
     assert not gone_status.status.fresh
+
+
+async def test_the_breaker_stops_waiting_on_a_hung_valkey_and_probes_until_it_is_back(
+    settings: Settings, own_valkey: LocalValkey, fleet: Fleet
+) -> None:
+    """A paused Valkey (SIGSTOP) accepts connections and never answers: each call waits out
+    VALKEY_TIMEOUT_SECONDS. After a few, the breaker opens and reads go to Postgres at once."""
+    mitra = await fleet.mitra()
+    hung = replace(
+        settings,
+        valkey_url=own_valkey.url,
+        valkey_timeout_seconds=0.25,
+        valkey_breaker_failures=3,
+        valkey_breaker_seconds=0.5,
+    )
+    async with running(hung) as server:
+        assert server.availability is not None
+        breaker = server.availability.mirror.breaker
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.AvailabilityServiceStub(channel)
+            await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+            own_valkey.pause()
+            try:
+                sources = []
+                for _ in range(10):
+                    reply = await stub.GetMitraStatus(pb.GetMitraStatusRequest(mitra_id=str(mitra)))
+                    sources.append(reply.status.source)
+                short_circuited = breaker.short_circuits
+            finally:
+                own_valkey.resume()
+
+            async def cached() -> bool:
+                request = pb.GetMitraStatusRequest(mitra_id=str(mitra))
+                return (await stub.GetMitraStatus(request)).status.source == pb.SOURCE_CACHE
+
+            await eventually(cached, timeout=10)
+
+    assert sources == [pb.SOURCE_DATABASE] * 10
+    assert breaker.opened >= 1
+    assert short_circuited >= 5, "most reads did not wait for the hung Valkey"
+    assert not breaker.is_open, "a probe closed it once Valkey answered"
