@@ -102,6 +102,16 @@ class Breaker:
                 log.warning("Valkey breaker open: %d calls in a row failed", self._failures)
             self._open_until = time.monotonic() + self._seconds
 
+    def judge(self, exc: BaseException) -> None:
+        """A call raised: an outage counts against Valkey; an error Valkey itself answered
+        (a script's UNSEEDED) proves it is there; a cancelled call says nothing."""
+        if isinstance(exc, _OUTAGES):
+            self.failed()
+        elif isinstance(exc, RedisError):
+            self.succeeded()
+        else:
+            self._probing = False
+
     def succeeded(self) -> None:
         if self.is_open:
             log.info("Valkey breaker closed: the probe succeeded")
@@ -326,8 +336,8 @@ class Mirror:
         self.breaker.check()
         try:
             reply = await script(keys=self._all_keys, args=list(args))
-        except _OUTAGES:
-            self.breaker.failed()
+        except BaseException as exc:
+            self.breaker.judge(exc)
             raise
         self.breaker.succeeded()
         return reply
@@ -409,8 +419,7 @@ class Mirror:
             return list(await self._run(self._heartbeat, self._stale_ms, self._retain, *ids))
         except BaseException as exc:
             await connection.disconnect()
-            if isinstance(exc, _OUTAGES):
-                self.breaker.failed()
+            self.breaker.judge(exc)
             raise
         self.breaker.succeeded()
         return reply

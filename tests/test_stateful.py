@@ -340,13 +340,15 @@ class AvailabilityMachine(RuleBasedStateMachine):
         self.state = "up"
         availability = self.server.availability
         assert availability is not None
+        breaker = availability.mirror.breaker
 
         async def healed() -> bool:
             try:
                 seeded = await self.inspect.exists(self.keys.seeded)
             except redis.ConnectionError:  # our own client's connection died with the server
                 return False
-            return bool(seeded) and not availability.unmirrored
+            # The breaker closes on the first call that reaches Valkey after its cooldown.
+            return bool(seeded) and not availability.unmirrored and not breaker.is_open
 
         self.run(eventually(healed, timeout=15))
 

@@ -3,14 +3,18 @@ heartbeat guard falls back to Postgres and records there."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import asyncpg
 import grpc
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from availability.local_stores import LocalValkey
+from availability.mirror import Breaker, MirrorDown
 from availability.server import Server, running
 from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
@@ -162,3 +166,17 @@ async def test_the_breaker_stops_waiting_on_a_hung_valkey_and_probes_until_it_is
     assert breaker.opened >= 1
     assert short_circuited >= 5, "most reads did not wait for the hung Valkey"
     assert not breaker.is_open, "a probe closed it once Valkey answered"
+
+
+def test_the_breaker_lets_one_probe_through_and_any_answer_closes_it() -> None:
+    breaker = Breaker(failures=2, seconds=0.0)
+    breaker.judge(RedisConnectionError("refused"))
+    breaker.judge(RedisConnectionError("refused"))
+    assert breaker.is_open
+    breaker.check()  # the cooldown is over: this call probes
+    with pytest.raises(MirrorDown):
+        breaker.check()  # one probe at a time
+    breaker.judge(asyncio.CancelledError())  # a cancelled probe says nothing...
+    breaker.check()  # ...so the next call probes again
+    breaker.judge(ResponseError("UNSEEDED the mirror is being seeded"))
+    assert not breaker.is_open, "Valkey answered, even if with an error"
