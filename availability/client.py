@@ -37,8 +37,8 @@ from .model import (
     MitraStatus,
     SessionCounts,
     Source,
-    UnavailableReason,
 )
+from .services import _convert as convert
 from .v1 import availability_pb2 as pb
 from .v1 import availability_pb2_grpc as pb_grpc
 from .v1 import dashboard_pb2 as dashboard_pb
@@ -327,19 +327,10 @@ class LiveAvailability:
             backoff = min(backoff * 2, self._max_backoff)
 
 
-_SOURCES = {pb.SOURCE_CACHE: Source.CACHE, pb.SOURCE_DATABASE: Source.DATABASE}
-_KINDS = {
-    pb.CHANGE_KIND_AVAILABLE: ChangeKind.AVAILABLE,
-    pb.CHANGE_KIND_UNAVAILABLE: ChangeKind.UNAVAILABLE,
-    pb.CHANGE_KIND_LOAD_CHANGED: ChangeKind.LOAD_CHANGED,
-}
-_REASONS = {
-    pb.UNAVAILABLE_REASON_OFFLINE: UnavailableReason.OFFLINE,
-    pb.UNAVAILABLE_REASON_STALE: UnavailableReason.STALE,
-    pb.UNAVAILABLE_REASON_DEACTIVATED: UnavailableReason.DEACTIVATED,
-    pb.UNAVAILABLE_REASON_FULL: UnavailableReason.FULL,
-    pb.UNAVAILABLE_REASON_REMOVED: UnavailableReason.REMOVED,
-}
+# The service's own mappings, read the other way.
+_SOURCES = {v: k for k, v in convert.SOURCES.items()}
+_KINDS = {v: k for k, v in convert.KINDS.items()}
+_REASONS = {v: k for k, v in convert.REASONS.items() if k is not None}
 
 
 def _source(value: pb.Source.ValueType) -> Source:

@@ -26,13 +26,13 @@ SNAPSHOT_PART = 5_000
 """Mitras per snapshot message: 100,000 mitras in one message would pass gRPC's default
 4 MiB message limit."""
 
-_SOURCES = {Source.CACHE: pb.SOURCE_CACHE, Source.DATABASE: pb.SOURCE_DATABASE}
-_KINDS = {
+SOURCES = {Source.CACHE: pb.SOURCE_CACHE, Source.DATABASE: pb.SOURCE_DATABASE}
+KINDS = {
     ChangeKind.AVAILABLE: pb.CHANGE_KIND_AVAILABLE,
     ChangeKind.UNAVAILABLE: pb.CHANGE_KIND_UNAVAILABLE,
     ChangeKind.LOAD_CHANGED: pb.CHANGE_KIND_LOAD_CHANGED,
 }
-_REASONS = {
+REASONS = {
     None: pb.UNAVAILABLE_REASON_UNSPECIFIED,
     UnavailableReason.OFFLINE: pb.UNAVAILABLE_REASON_OFFLINE,
     UnavailableReason.STALE: pb.UNAVAILABLE_REASON_STALE,
@@ -69,7 +69,7 @@ def timestamp(when: datetime | None) -> Timestamp | None:
 
 
 def source(value: Source) -> pb.Source.ValueType:
-    return _SOURCES[value]
+    return SOURCES[value]
 
 
 def status(value: MitraStatus) -> pb.MitraStatus:
@@ -103,9 +103,9 @@ def change(value: AvailabilityChange) -> pb.WatchAvailableMitrasResponse:
     return pb.WatchAvailableMitrasResponse(
         revision=value.revision,
         change=pb.AvailabilityChange(
-            kind=_KINDS[value.kind],
+            kind=KINDS[value.kind],
             mitra=available_mitra(value.mitra),
-            reason=_REASONS[value.reason],
+            reason=REASONS[value.reason],
         ),
     )
 
