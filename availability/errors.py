@@ -34,6 +34,11 @@ class TruthUnavailable(AvailabilityError):
         super().__init__(f"database unavailable: {type(cause).__name__}: {cause}".rstrip(": "))
 
 
+class LimitReached(AvailabilityError):
+    """A per-instance limit is reached (WATCH_MAX_STREAMS); the caller retries later or
+    elsewhere."""
+
+
 class WatchInterrupted(AvailabilityError):
     """A watch cannot go on here (the Valkey mirror is lost, or this server is stopping);
     the caller resumes by revision, here or on another instance."""

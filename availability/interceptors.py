@@ -14,6 +14,7 @@ from .errors import (
     AvailabilityError,
     HeartbeatRefused,
     InvalidArgument,
+    LimitReached,
     MitraDeactivated,
     MitraNotFound,
     TruthUnavailable,
@@ -30,6 +31,7 @@ _CODES: tuple[tuple[type[AvailabilityError], grpc.StatusCode], ...] = (
     (MitraDeactivated, grpc.StatusCode.FAILED_PRECONDITION),
     (TruthUnavailable, grpc.StatusCode.UNAVAILABLE),
     (WatchInterrupted, grpc.StatusCode.UNAVAILABLE),
+    (LimitReached, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 
@@ -54,8 +56,40 @@ async def _abort(method: str, context: Context, exc: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
 
 
+class _Malformed:
+    """What a request that is not a valid message of its type parses to: grpc would answer
+    INTERNAL for a deserializer that raises, and the caller sent it, so it is theirs."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: Exception) -> None:
+        self.problem = problem
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:
+            return _Malformed(exc)
+
+    return parse
+
+
+async def _refuse_malformed(request: Any, context: Context) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request: not a valid message of this method's type ({request.problem})"[:300],
+        )
+
+
 def _map_errors(method: str, behavior: Unary) -> Unary:
     async def mapped(request: Any, context: Context) -> Any:
+        await _refuse_malformed(request, context)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -72,6 +106,7 @@ def _map_stream_errors(method: str, behavior: Streaming) -> Streaming | Unary:
         return _map_errors(method, behavior)  # type: ignore[arg-type]
 
     async def mapped(request: Any, context: Context) -> AsyncIterator[Any]:
+        await _refuse_malformed(request, context)
         try:
             async for reply in behavior(request, context):
                 yield reply
@@ -98,13 +133,13 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _map_errors(method, handler.unary_unary),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _map_stream_errors(method, handler.unary_stream),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

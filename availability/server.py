@@ -68,7 +68,11 @@ class Server:
             interceptors.insert(0, Authentication(settings.auth_tokens))
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
-            options=[("grpc.so_reuseport", int(reuse_port))],
+            options=[
+                ("grpc.so_reuseport", int(reuse_port)),
+                ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+            ],
+            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         )
         pb_grpc.add_AvailabilityServiceServicer_to_server(
             AvailabilityService(availability), self._grpc

@@ -36,6 +36,9 @@ class Settings:
     database_pool_size: int = 10
     watch_retained_changes: int = 10_000
     watch_buffer_events: int = 1_000
+    watch_max_streams: int = 5_000
+    grpc_max_message_bytes: int = 4 * 1024 * 1024
+    grpc_max_concurrent_rpcs: int = 10_000
     database_timeout_seconds: float = 5.0
     valkey_timeout_seconds: float = 0.25
     valkey_breaker_failures: int = 3
@@ -112,6 +115,9 @@ class Settings:
             "watch_retained_changes",
             "watch_buffer_events",
             "valkey_breaker_failures",
+            "watch_max_streams",
+            "grpc_max_message_bytes",
+            "grpc_max_concurrent_rpcs",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
@@ -214,6 +220,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "mass_stale_max_per_sweep": _int,
     "watch_retained_changes": _int,
     "watch_buffer_events": _int,
+    "watch_max_streams": _int,
+    "grpc_max_message_bytes": _int,
+    "grpc_max_concurrent_rpcs": _int,
 }
 
 

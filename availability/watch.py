@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from .errors import WatchInterrupted
+from .errors import LimitReached, WatchInterrupted
 from .mirror import MIRROR_ERRORS, Mirror
 from .model import AvailabilityChange, AvailabilitySnapshot, AvailableMitra, ChangeKind
 from .settings import Settings
@@ -69,6 +69,7 @@ class WatchHub:
     def __init__(self, mirror: Mirror, settings: Settings) -> None:
         self._mirror = mirror
         self._buffer_limit = settings.watch_buffer_events
+        self._max_watchers = settings.watch_max_streams
         self._retained: deque[AvailabilityChange] = deque(maxlen=settings.watch_retained_changes)
         self._view: dict[UUID, AvailableMitra] = {}
         self._snapshot: AvailabilitySnapshot | None = None
@@ -124,6 +125,11 @@ class WatchHub:
         snapshot instead of a growing backlog. Raises WatchInterrupted when Valkey is lost
         or the server stops."""
         self.check_ready()
+        if len(self._watchers) >= self._max_watchers:
+            raise LimitReached(
+                f"this instance already serves {len(self._watchers)} watches "
+                "(WATCH_MAX_STREAMS); retry later or on another instance"
+            )
         watcher = _Watcher()
         missed = self._since(resume_revision)
         watcher.resync = missed is None
