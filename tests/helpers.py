@@ -10,6 +10,7 @@ from typing import TypeVar
 from uuid import UUID
 
 import asyncpg
+import grpc
 import redis.asyncio as redis
 
 from availability.mirror import Keys
@@ -123,3 +124,12 @@ async def notified(valkey: redis.Redis, keys: Keys, *mitras: UUID) -> None:
         return all([await valkey.hexists(keys.capacity, str(m)) for m in mitras])
 
     await eventually(known)
+
+
+async def code_of(call: object) -> grpc.StatusCode:
+    """The status a call ends with (OK when it answers)."""
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK

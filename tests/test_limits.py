@@ -24,17 +24,9 @@ from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 from availability.v1 import dashboard_pb2
 
-from .helpers import Fleet, eventually
+from .helpers import Fleet, code_of, eventually
 
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-
-
-async def code_of(call: object) -> grpc.StatusCode:
-    try:
-        await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 async def test_a_request_over_the_size_limit_is_resource_exhausted(

@@ -23,19 +23,11 @@ from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet
+from .helpers import Fleet, code_of
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 TOKENS = ("old-token-0123456789", "new-token-9876543210")
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
-
-
-async def code_of(call: object) -> grpc.StatusCode:
-    try:
-        await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
