@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_OUT := availability/v1
 PROTOS := $(wildcard protos/availability/v1/*.proto)
 
-.PHONY: run test lint protos check-protos install clean bench bench-quick
+.PHONY: run test lint protos check-protos install clean bench bench-quick chaos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick
+
+# Mixed load while Valkey is killed and restarted and Postgres restarts; writes bench/CHAOS.md.
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos
 
 clean:
 	rm -rf $(VENV) build .data

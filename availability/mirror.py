@@ -78,6 +78,7 @@ class Breaker:
         self._failures = 0
         self._open_until = 0.0
         self._probing = False
+        self._probe_deadline = 0.0
         self.opened = 0
         self.short_circuits = 0
 
@@ -88,10 +89,13 @@ class Breaker:
     def check(self) -> None:
         if not self.is_open:
             return
-        if time.monotonic() < self._open_until or self._probing:
+        now = time.monotonic()
+        # A probe that never reported back (a path that forgot to) must not hold it shut.
+        if now < self._open_until or (self._probing and now < self._probe_deadline):
             self.short_circuits += 1
             raise MirrorDown("Valkey is failing; not trying again for now")
         self._probing = True
+        self._probe_deadline = now + self._seconds
 
     def failed(self) -> None:
         self._failures += 1
@@ -416,6 +420,7 @@ class Mirror:
             reply: list[int] = await connection.read_response()
         except NoScriptError:
             # Valkey lost its scripts (restarted): the regular path loads it again.
+            self.breaker.succeeded()
             return list(await self._run(self._heartbeat, self._stale_ms, self._retain, *ids))
         except BaseException as exc:
             await connection.disconnect()

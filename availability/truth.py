@@ -281,7 +281,9 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, recovering
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, out of memory
+    asyncpg.exceptions.InternalClientError,  # a connection left in a broken state
 )
 
 
