@@ -4,6 +4,7 @@ heartbeat guard falls back to Postgres and records there."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -169,10 +170,13 @@ async def test_the_breaker_stops_waiting_on_a_hung_valkey_and_probes_until_it_is
 
 
 def test_the_breaker_lets_one_probe_through_and_any_answer_closes_it() -> None:
-    breaker = Breaker(failures=2, seconds=0.0)
+    breaker = Breaker(failures=2, seconds=0.5)
     breaker.judge(RedisConnectionError("refused"))
     breaker.judge(RedisConnectionError("refused"))
     assert breaker.is_open
+    with pytest.raises(MirrorDown):
+        breaker.check()  # cooling down
+    time.sleep(0.6)
     breaker.check()  # the cooldown is over: this call probes
     with pytest.raises(MirrorDown):
         breaker.check()  # one probe at a time
