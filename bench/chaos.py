@@ -227,10 +227,11 @@ async def _run(
     rng = random.Random(7)
     stop = asyncio.Event()
     async with _server(env, folder / "server.log") as address:
+        async with AvailabilityClient(address, timeout=30.0) as setup:  # not under test yet
+            for mitra in ids:
+                await setup.set_online(mitra)
+                expected.online[mitra], expected.active[mitra] = True, True
         client = AvailabilityClient(address, timeout=2.0, attempts=2)
-        for mitra in ids:
-            await client.set_online(mitra)
-            expected.online[mitra], expected.active[mitra] = True, True
 
         async def heartbeat() -> None:
             await _call(tally, "Heartbeat", client.heartbeat(rng.choice(ids)))
