@@ -63,6 +63,7 @@ class Availability:
         self._beacon: Coalesced[None, AvailabilityCount] = Coalesced()
         self.dashboards: Coalesced[int, DashboardStats] = Coalesced()
         self.watch_hub = WatchHub(mirror, settings)
+        self.last_count: AvailabilityCount | None = None
 
     async def _read(
         self,
@@ -177,9 +178,10 @@ class Availability:
         outage, Postgres sees more than one query a second per instance."""
 
         async def fetch() -> AvailabilityCount:
-            return await self._read(
+            self.last_count = await self._read(
                 "count_available", self.mirror.count_available, self.truth.count_available
             )
+            return self.last_count
 
         return await self._beacon.get(None, self.settings.beacon_local_seconds, fetch)
 

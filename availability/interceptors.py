@@ -118,6 +118,30 @@ def _map_stream_errors(method: str, behavior: Streaming) -> Streaming | Unary:
     return mapped
 
 
+def rewrap(
+    handler: Handler,
+    unary: Callable[[Unary], Unary],
+    stream: Callable[[Streaming], Streaming | Unary],
+    deserializer: Callable[[Callable[[bytes], Any] | None], Callable[[bytes], Any] | None] = (
+        lambda d: d
+    ),
+) -> Handler:
+    """The same handler with its behaviour wrapped (unary-request RPCs: all this service has)."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary),  # type: ignore[arg-type]
+            request_deserializer=deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            stream(handler.unary_stream),  # type: ignore[arg-type]
+            request_deserializer=deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+    return handler
+
+
 class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Turns domain exceptions into status codes and keeps tracebacks in the log."""
 
@@ -130,19 +154,12 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method
         if handler is None:
             return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _map_errors(method, handler.unary_unary),  # type: ignore[arg-type]
-                request_deserializer=_lenient(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _map_stream_errors(method, handler.unary_stream),  # type: ignore[arg-type]
-                request_deserializer=_lenient(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return rewrap(
+            handler,
+            lambda behavior: _map_errors(method, behavior),
+            lambda behavior: _map_stream_errors(method, behavior),
+            _lenient,
+        )
 
 
 _OPEN_SERVICES = ("/grpc.health.v1.Health/",)

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from .domain import Availability
 from .interceptors import Authentication, ErrorMapping
 from .listener import ChangeListener
+from .metrics import Metrics
 from .mirror import MIRROR_ERRORS, Mirror, connect_valkey
 from .services.availability import AvailabilityService
 from .services.dashboard import DashboardService
@@ -54,6 +56,7 @@ class Server:
         self.port = 0
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics: Metrics | None = None
 
     async def start(self, *, reuse_port: bool = False) -> None:
         """Connect, bind (health NOT_SERVING), migrate, seed, start tasks, then SERVING."""
@@ -66,6 +69,8 @@ class Server:
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMapping()]  # type: ignore[type-arg]
         if settings.auth_tokens:
             interceptors.insert(0, Authentication(settings.auth_tokens))
+        self.metrics = Metrics(self)
+        interceptors.insert(0, self.metrics.interceptor())
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -94,6 +99,8 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot bind GRPC_ADDRESS {settings.grpc_address}")
         await self._grpc.start()
+        if settings.metrics_address:
+            self.metrics.serve(settings.metrics_address)
 
         if settings.migrate_on_start:
             await truth.migrate()
@@ -148,6 +155,8 @@ class Server:
         for task in self._tasks:
             await self._step(task.get_name(), _finished(task))
         self._tasks.clear()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.availability is not None:
             await self._step("Valkey client", self.availability.mirror.close())
             await self._step("Postgres pool", self.availability.truth.close())
@@ -213,6 +222,14 @@ def _worker(settings: Settings) -> None:
     asyncio.run(serve(settings, reuse_port=True))
 
 
+def _worker_settings(settings: Settings, index: int) -> Settings:
+    """Workers share the gRPC port; each serves its own metrics, worker k on port + k."""
+    host, _, port = settings.metrics_address.rpartition(":")
+    if not settings.metrics_address or port == "0":
+        return settings
+    return replace(settings, metrics_address=f"{host}:{int(port) + index}")
+
+
 def serve_workers(settings: Settings, workers: int) -> int:
     """N processes sharing the port through SO_REUSEPORT (grpc examples/python/multiprocessing).
 
@@ -220,7 +237,9 @@ def serve_workers(settings: Settings, workers: int) -> int:
     """
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker, args=(settings,), name=f"availability-worker-{i}")
+        context.Process(
+            target=_worker, args=(_worker_settings(settings, i),), name=f"availability-worker-{i}"
+        )
         for i in range(workers)
     ]
     for process in processes:

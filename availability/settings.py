@@ -49,6 +49,7 @@ class Settings:
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
     grpc_reflection: bool = True
+    metrics_address: str = "127.0.0.1:9464"
     migrate_on_start: bool = True
     log_level: str = "INFO"
 
@@ -79,6 +80,9 @@ class Settings:
         for spec in fields(cls):
             name = spec.name.upper()
             raw = env.get(name)
+            if raw == "" and spec.name in _EMPTY_MEANS_OFF:
+                values[spec.name] = ""
+                continue
             if raw is None or raw == "":
                 if spec.default is MISSING:
                     raise SettingsError(f"{name} is required")
@@ -131,6 +135,8 @@ class Settings:
             )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if self.metrics_address:
+            _split_address(self.metrics_address, "METRICS_ADDRESS")
         self._validate_security()
 
     @property
@@ -158,6 +164,9 @@ class Settings:
                 "mutual TLS (TLS_CLIENT_CA_FILE); set one, or ALLOW_INSECURE_NETWORK=true to "
                 "serve it unauthenticated"
             )
+
+
+_EMPTY_MEANS_OFF = frozenset({"metrics_address"})
 
 
 def _parse(name: str, raw: str, parser: Callable[[str], T]) -> T:
@@ -226,10 +235,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 
-def _split_address(address: str) -> str:
+def _split_address(address: str, name: str = "GRPC_ADDRESS") -> str:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise SettingsError(f"GRPC_ADDRESS must be host:port, got {address!r}")
+        raise SettingsError(f"{name} must be host:port, got {address!r}")
     return host.strip("[]")
 
 

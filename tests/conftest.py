@@ -124,6 +124,7 @@ def settings(database_url: str, shared_valkey_url: str) -> Settings:
         valkey_key_prefix=f"test-{uuid.uuid4().hex[:12]}",
         migrate_on_start=False,
         valkey_timeout_seconds=1.0,
+        metrics_address="127.0.0.1:0",
     )
 
 

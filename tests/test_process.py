@@ -76,6 +76,7 @@ def serve(settings: Settings, tmp_path: Path) -> Iterator[object]:
             "VALKEY_URL": settings.valkey_url,
             "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
             "GRPC_ADDRESS": address,
+            "METRICS_ADDRESS": "127.0.0.1:0",
         }
         log = tmp_path / f"server-{len(started)}.log"
         process = subprocess.Popen(

@@ -140,3 +140,10 @@ def test_bad_security_settings_are_named(tmp_path: Path, env: dict[str, str], na
     resolved = {k: str(tmp_path / v) if k.startswith("TLS_") else v for k, v in env.items()}
     with pytest.raises(SettingsError, match=named):
         Settings.from_env({**BASE, **resolved})
+
+
+def test_metrics_address_defaults_on_and_empty_turns_it_off() -> None:
+    assert Settings.from_env(BASE).metrics_address == "127.0.0.1:9464"
+    assert Settings.from_env({**BASE, "METRICS_ADDRESS": ""}).metrics_address == ""
+    with pytest.raises(SettingsError, match="METRICS_ADDRESS"):
+        Settings.from_env({**BASE, "METRICS_ADDRESS": "9464"})

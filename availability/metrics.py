@@ -1,0 +1,254 @@
+"""Prometheus metrics on METRICS_ADDRESS: RPCs by method and code (the names of the gRPC
+ecosystem's go-grpc-prometheus), and the domain's own counters, read at scrape time."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .interceptors import rewrap
+
+if TYPE_CHECKING:
+    from .interceptors import Context, Handler, Streaming, Unary
+    from .server import Server
+
+log = logging.getLogger(__name__)
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """One registry a process (several servers in one test process do not collide)."""
+
+    def __init__(self, server: Server) -> None:
+        self.registry = CollectorRegistry()
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by method and status code.",
+            ["grpc_service", "grpc_method", "grpc_code"],
+            registry=self.registry,
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Time to handle an RPC (a stream: until it ends).",
+            ["grpc_service", "grpc_method"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_Domain(server))
+        self._http: WSGIServer | None = None
+        self.port = 0
+
+    def serve(self, address: str) -> None:
+        """Serve /metrics on host:port (port 0: any free one). A port that is taken is
+        logged, not fatal: the service matters more than its metrics."""
+        host, _, port = address.rpartition(":")
+        try:
+            self._http, _thread = start_http_server(
+                int(port), addr=host.strip("[]"), registry=self.registry
+            )
+        except OSError as exc:
+            log.error("metrics: cannot serve on %s (%s); serving without metrics", address, exc)
+            return
+        self.port = self._http.server_port
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def interceptor(self) -> grpc.aio.ServerInterceptor:  # type: ignore[type-arg]
+        return _Measured(self)
+
+
+class _Measured(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        handled = self._metrics.handled
+        handling = self._metrics.handling.labels(service, method)
+
+        def record(started: float, code: str) -> None:
+            handling.observe(time.perf_counter() - started)
+            handled.labels(service, method, code).inc()
+
+        def unary(behavior: Unary) -> Unary:
+            async def measured(request: Any, context: Context) -> Any:
+                started, code = time.perf_counter(), "OK"
+                try:
+                    return await behavior(request, context)
+                except BaseException:
+                    code = _code(context)
+                    raise
+                finally:
+                    record(started, code)
+
+            return measured
+
+        def stream(behavior: Streaming) -> Streaming | Unary:
+            if not inspect.isasyncgenfunction(behavior):
+                return unary(behavior)  # type: ignore[arg-type]
+
+            async def measured(request: Any, context: Context) -> AsyncIterator[Any]:
+                started, code = time.perf_counter(), "OK"
+                try:
+                    async for reply in behavior(request, context):
+                        yield reply
+                except BaseException:
+                    code = _code(context)
+                    raise
+                finally:
+                    record(started, code)
+
+            return measured
+
+        return rewrap(handler, unary, stream)
+
+
+def _code(context: Context) -> str:
+    """The status an aborted call ends with; a call that raised without one is CANCELLED
+    (the client went away) as grpc reports it."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "CANCELLED"
+
+
+class _Domain(Collector):
+    """The service's own counters, read when Prometheus scrapes (from its thread: each read
+    is one copy of a dict or a number, safe under the GIL)."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        availability = self._server.availability
+        if availability is None:
+            return
+        counters = availability.counters
+        yield _by(
+            "availability_fallbacks",
+            "Reads (and heartbeat guards) that Postgres answered because Valkey failed.",
+            "path",
+            counters.fallbacks.copy(),
+        )
+        yield _by(
+            "availability_valkey_write_errors",
+            "Mirror writes that failed after Postgres committed (healed later).",
+            "path",
+            counters.mirror_write_errors.copy(),
+        )
+        breaker = availability.mirror.breaker
+        yield _gauge(
+            "availability_valkey_breaker_open",
+            "1 while the Valkey breaker is open.",
+            float(breaker.is_open),
+        )
+        yield _counter(
+            "availability_valkey_breaker_short_circuits",
+            "Valkey calls not attempted because the breaker was open.",
+            breaker.short_circuits,
+        )
+        hub = availability.watch_hub
+        yield _gauge("availability_watchers", "Open WatchAvailableMitras streams.", hub.watchers)
+        yield _counter(
+            "availability_watch_changes", "Changes the watch hub followed.", hub.stats.changes
+        )
+        yield _counter(
+            "availability_watch_overflows",
+            "Watchers that fell behind their buffer and got a fresh snapshot.",
+            hub.stats.overflows,
+        )
+        count = availability.last_count
+        if count is not None:
+            yield _gauge(
+                "availability_online_mitras", "Online mitras (the beacon's count).", count.online
+            )
+            yield _gauge(
+                "availability_available_mitras",
+                "Available mitras (the beacon's count).",
+                count.available,
+            )
+        sweeps = self._server.sweeps
+        if sweeps is None:
+            return
+        report = sweeps.report
+        stats = dict(report.stats)
+        yield _by(
+            "availability_sweep_runs",
+            "Sweep runs, by sweep.",
+            "sweep",
+            {n: s.runs for n, s in stats.items()},
+        )
+        yield _by(
+            "availability_sweep_aborted",
+            "Sweeps aborted by a store error.",
+            "sweep",
+            {n: s.aborted for n, s in stats.items()},
+        )
+        yield _by(
+            "availability_sweep_affected_mitras",
+            "Mitras a sweep changed (taken offline, flushed, drift healed).",
+            "sweep",
+            {n: s.affected for n, s in stats.items()},
+        )
+        duration = GaugeMetricFamily(
+            "availability_sweep_last_duration_seconds",
+            "How long each sweep's last run took.",
+            labels=["sweep"],
+        )
+        for name, sweep in stats.items():
+            duration.add_metric([name], sweep.last_duration_seconds)
+        yield duration
+        yield _counter(
+            "availability_mass_stale_guard_trips",
+            "Times the mass-stale guard limited the auto-offline sweep.",
+            report.guard_trips,
+        )
+        drift = CounterMetricFamily(
+            "availability_drift_healed",
+            "Mirror drift the reconcile sweep healed, by kind.",
+            labels=["kind"],
+        )
+        for kind, value in vars_of(report.drift).items():
+            drift.add_metric([kind], value)
+        yield drift
+
+
+def vars_of(value: object) -> dict[str, int]:
+    return {name: getattr(value, name) for name in value.__slots__}  # type: ignore[attr-defined]
+
+
+def _by(name: str, documentation: str, label: str, values: dict[str, int]) -> Metric:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+def _counter(name: str, documentation: str, value: float) -> Metric:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _gauge(name: str, documentation: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, documentation, value=value)
