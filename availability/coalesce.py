@@ -33,6 +33,11 @@ class Coalesced(Generic[K, V]):
             return entry
         return None
 
+    def latest(self, key: K) -> V | None:
+        """The last value computed for key, however old (None before the first)."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry.value
+
     async def get(self, key: K, max_age: float, compute: Callable[[], Awaitable[V]]) -> V:
         if entry := self._fresh(key, max_age):
             return entry.value

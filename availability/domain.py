@@ -40,8 +40,8 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (*MIRROR_ERRORS, TruthUnavailabl
 
 @dataclass
 class Counters:
-    """Counted for operators: fallbacks and failed mirror writes, by path (exported as
-    metrics once the service has a metrics endpoint)."""
+    """Counted for operators: fallbacks and failed mirror writes, by path (metrics.py
+    exports them)."""
 
     fallbacks: dict[str, int] = field(default_factory=dict)
     mirror_write_errors: dict[str, int] = field(default_factory=dict)
@@ -63,7 +63,6 @@ class Availability:
         self._beacon: Coalesced[None, AvailabilityCount] = Coalesced()
         self.dashboards: Coalesced[int, DashboardStats] = Coalesced()
         self.watch_hub = WatchHub(mirror, settings)
-        self.last_count: AvailabilityCount | None = None
 
     async def _read(
         self,
@@ -178,12 +177,16 @@ class Availability:
         outage, Postgres sees more than one query a second per instance."""
 
         async def fetch() -> AvailabilityCount:
-            self.last_count = await self._read(
+            return await self._read(
                 "count_available", self.mirror.count_available, self.truth.count_available
             )
-            return self.last_count
 
         return await self._beacon.get(None, self.settings.beacon_local_seconds, fetch)
+
+    @property
+    def last_count(self) -> AvailabilityCount | None:
+        """The beacon this instance computed last (the metrics' online and available)."""
+        return self._beacon.latest(None)
 
     async def dashboard(self, limit: int, max_age: float = DASHBOARD_MAX_AGE) -> DashboardStats:
         """Counts from one Postgres round trip, online mitras from the mirror (or the truth);

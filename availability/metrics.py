@@ -7,6 +7,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
@@ -230,13 +231,9 @@ class _Domain(Collector):
             "Mirror drift the reconcile sweep healed, by kind.",
             labels=["kind"],
         )
-        for kind, value in vars_of(report.drift).items():
+        for kind, value in asdict(report.drift).items():
             drift.add_metric([kind], value)
         yield drift
-
-
-def vars_of(value: object) -> dict[str, int]:
-    return {name: getattr(value, name) for name in value.__slots__}  # type: ignore[attr-defined]
 
 
 def _by(name: str, documentation: str, label: str, values: dict[str, int]) -> Metric:

@@ -56,7 +56,7 @@ class _Watcher:
 
 @dataclass
 class WatchStats:
-    """Counted for operators (and the metrics endpoint, once there is one)."""
+    """Counted for operators (metrics.py exports them)."""
 
     changes: int = 0
     snapshots: int = 0
