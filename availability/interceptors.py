@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +22,11 @@ from .errors import (
     TruthUnavailable,
     WatchInterrupted,
 )
+from .logs import REQUEST_ID_HEADER, Request, answer_with_request_id, current
+from .tracing import SERVER_ERRORS, finish, server_span
 
 log = logging.getLogger(__name__)
+rpc_log = logging.getLogger("availability.rpc")
 
 # Most specific first: HeartbeatRefused is a MitraDeactivated with its own code.
 _CODES: tuple[tuple[type[AvailabilityError], grpc.StatusCode], ...] = (
@@ -49,11 +54,17 @@ if TYPE_CHECKING:
     Streaming = Callable[[Any, Context], AsyncIterator[Any]]
 
 
+async def abort(context: Context, code: grpc.StatusCode, details: str) -> None:
+    """End the call with a status and the request id its log lines carry."""
+    answer_with_request_id(context)
+    await context.abort(code, details)
+
+
 async def _abort(method: str, context: Context, exc: Exception) -> None:
     if isinstance(exc, AvailabilityError):
-        await context.abort(status_code(exc), str(exc))
+        await abort(context, status_code(exc), str(exc))
     log.error("%s failed", method, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+    await abort(context, grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
 
 
 class _Malformed:
@@ -81,7 +92,8 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 async def _refuse_malformed(request: Any, context: Context) -> None:
     if isinstance(request, _Malformed):
-        await context.abort(
+        await abort(
+            context,
             grpc.StatusCode.INVALID_ARGUMENT,
             f"request: not a valid message of this method's type ({request.problem})"[:300],
         )
@@ -203,7 +215,8 @@ class Authentication(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
 
 async def _refuse(request: Any, context: Context) -> None:
-    await context.abort(
+    await abort(
+        context,
         grpc.StatusCode.UNAUTHENTICATED,
         "missing or invalid credentials: send metadata authorization: Bearer <token>",
     )
@@ -222,3 +235,115 @@ def _refusal(handler: Handler) -> Handler:
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(_refuse, **kwargs)
     return grpc.stream_stream_rpc_method_handler(_refuse, **kwargs)
+
+
+class RequestLogging(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Gives each RPC its request context (logs.Request) and writes one line when it ends:
+    at DEBUG for every call, at INFO for a caller's error (bad input, unknown mitra) and for
+    a stream's end, at WARNING for the server's errors (unavailable, internal, deadline) and
+    for unary calls slower than LOG_SLOW_RPC_SECONDS. Below DEBUG, a call that goes well
+    costs a context and a clock read. With a tracer (tracing.server_tracer), each call is a
+    span, child of the caller's trace context."""
+
+    def __init__(self, slow_seconds: float, tracer: Any = None) -> None:
+        self._slow = slow_seconds
+        self._tracer = tracer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        sent_id = traceparent = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == REQUEST_ID_HEADER:
+                sent_id = value if isinstance(value, str) else value.decode(errors="replace")
+            elif key == "traceparent":
+                traceparent = value if isinstance(value, str) else value.decode(errors="replace")
+        slow, tracer = self._slow, self._tracer
+        metadata = handler_call_details.invocation_metadata or ()
+
+        def traced(context: Request) -> contextlib.AbstractContextManager[Any]:
+            if tracer is None:
+                return contextlib.nullcontext()
+            return server_span(tracer, method, metadata, context)
+
+        def begin(request: Any) -> Request:
+            context = Request(method, sent_id, traceparent)
+            mitra_id = getattr(request, "mitra_id", None)
+            if isinstance(mitra_id, str):
+                context.mitra_id = mitra_id[:64]
+            current.set(context)
+            return context
+
+        def end(
+            context: Request, started: float, code: str, rpc: Context, streamed: bool, span: Any
+        ) -> None:
+            seconds = time.perf_counter() - started
+            if span is not None:
+                finish(span, code)
+            if code in SERVER_ERRORS or (seconds >= slow and not streamed):
+                level = logging.WARNING
+            elif code != "OK" or streamed:
+                level = logging.INFO
+            else:
+                level = logging.DEBUG
+            if not rpc_log.isEnabledFor(level):
+                return
+            if code == "OK":
+                answer_with_request_id(rpc)
+            rpc_log.log(
+                level,
+                "%s %s in %.1f ms",
+                method,
+                code,
+                seconds * 1000,
+                extra={"code": code, "duration_ms": round(seconds * 1000, 3)},
+            )
+
+        def unary(behavior: Unary) -> Unary:
+            async def logged(request: Any, rpc: Context) -> Any:
+                context, started, code = begin(request), time.perf_counter(), "OK"
+                with traced(context) as span:
+                    try:
+                        return await behavior(request, rpc)
+                    except BaseException:
+                        code = code_of(rpc)
+                        raise
+                    finally:
+                        end(context, started, code, rpc, False, span)
+
+            return logged
+
+        def stream(behavior: Streaming) -> Streaming | Unary:
+            if not inspect.isasyncgenfunction(behavior):
+                return unary(behavior)  # type: ignore[arg-type]
+
+            async def logged(request: Any, rpc: Context) -> AsyncIterator[Any]:
+                context, started, code = begin(request), time.perf_counter(), "OK"
+                with traced(context) as span:
+                    try:
+                        async for reply in behavior(request, rpc):
+                            yield reply
+                    except BaseException:
+                        code = code_of(rpc)
+                        raise
+                    finally:
+                        end(context, started, code, rpc, True, span)
+
+            return logged
+
+        return rewrap(handler, unary, stream)
+
+
+def code_of(context: Context) -> str:
+    """The status an aborted call ends with; a call that raised without one is CANCELLED
+    (the client went away) as grpc reports it."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "CANCELLED"

@@ -1,17 +1,129 @@
-"""Logging set-up, once per process."""
+"""Logging: one JSON object a line for machines, a readable line at a terminal, and the
+request each line belongs to (request id, method, mitra id, trace) wherever it was logged."""
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
+import re
 import sys
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .interceptors import Context
+
+REQUEST_ID_HEADER = "x-request-id"
+"""Metadata a caller may send to name its request in our logs; we answer with it (or the id
+we made) in trailing metadata whenever a call fails or was logged."""
+
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_CALLER_SENT = 128
+"""Longest request id taken from a caller; anything longer is cut (it lands in every line)."""
+
+
+class Request:
+    """What the log lines of one RPC share. The id is made only when first needed, so a call
+    that logs nothing and succeeds pays for no uuid."""
+
+    __slots__ = ("_id", "method", "mitra_id", "span_id", "trace_id")
+
+    def __init__(self, method: str, sent_id: str, traceparent: str) -> None:
+        self.method = method
+        self._id = sent_id[:_CALLER_SENT]
+        self.mitra_id = ""
+        self.trace_id = self.span_id = ""
+        if parent := _TRACEPARENT.fullmatch(traceparent.strip()):
+            self.trace_id, self.span_id = parent.groups()
+
+    @property
+    def id(self) -> str:
+        if not self._id:
+            self._id = uuid.uuid4().hex
+        return self._id
+
+    @property
+    def named(self) -> bool:
+        return bool(self._id)
+
+
+current: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
+    "availability_request", default=None
+)
+
+
+def answer_with_request_id(context: Context) -> None:
+    """Tell the caller which request id our log lines carry (before an abort)."""
+    request = current.get()
+    if request is not None:
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request.id),))
+
+
+_STANDARD = frozenset(
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
+)
+
+
+def _context_fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    request = current.get()
+    if request is not None:
+        fields["request_id"] = request.id
+        fields["method"] = request.method
+        if request.mitra_id:
+            fields["mitra_id"] = request.mitra_id
+        if request.trace_id:
+            fields["trace_id"] = request.trace_id
+            fields["span_id"] = request.span_id
+    for key, value in record.__dict__.items():
+        if key not in _STANDARD and not key.startswith("_"):
+            fields[key] = value
+    return fields
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, pid, the request's fields and
+    any `extra=`; a traceback goes in `exception`, never split over lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        line.update(_context_fields(record))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """The same facts for a person at a terminal: the request's fields after the message."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = _context_fields(record)
+        if not fields:
+            return text
+        head, newline, rest = text.partition("\n")
+        tail = " ".join(f"{key}={value}" for key, value in fields.items())
+        return f"{head}  {tail}{newline}{rest}"
+
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-        stream=sys.stderr,
-        force=True,
+    """LOG_FORMAT auto: JSON unless stderr is a terminal."""
+    json_lines = settings.log_format == "json" or (
+        settings.log_format == "auto" and not sys.stderr.isatty()
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)

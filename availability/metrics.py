@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .interceptors import rewrap
+from .interceptors import code_of, rewrap
 
 if TYPE_CHECKING:
     from .interceptors import Context, Handler, Streaming, Unary
@@ -99,7 +99,7 @@ class _Measured(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 try:
                     return await behavior(request, context)
                 except BaseException:
-                    code = _code(context)
+                    code = code_of(context)
                     raise
                 finally:
                     record(started, code)
@@ -116,7 +116,7 @@ class _Measured(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     async for reply in behavior(request, context):
                         yield reply
                 except BaseException:
-                    code = _code(context)
+                    code = code_of(context)
                     raise
                 finally:
                     record(started, code)
@@ -124,15 +124,6 @@ class _Measured(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return measured
 
         return rewrap(handler, unary, stream)
-
-
-def _code(context: Context) -> str:
-    """The status an aborted call ends with; a call that raised without one is CANCELLED
-    (the client went away) as grpc reports it."""
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return "CANCELLED"
 
 
 class _Domain(Collector):

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .domain import Availability
-from .interceptors import Authentication, ErrorMapping
+from .interceptors import Authentication, ErrorMapping, RequestLogging
 from .listener import ChangeListener
 from .metrics import Metrics
 from .mirror import MIRROR_ERRORS, Mirror, connect_valkey
@@ -27,6 +27,7 @@ from .services.availability import AvailabilityService
 from .services.dashboard import DashboardService
 from .settings import Settings
 from .sweeps import Sweeps
+from .tracing import server_tracer
 from .truth import Truth
 from .v1 import availability_pb2 as pb
 from .v1 import availability_pb2_grpc as pb_grpc
@@ -47,8 +48,10 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class Server:
     """One serving process: stores, domain, gRPC server and the background tasks."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, tracer_provider: object = None) -> None:
+        """tracer_provider: OpenTelemetry's, when not the global one (tests)."""
         self.settings = settings
+        self._tracer = server_tracer(tracer_provider)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.availability: Availability | None = None
         self.listener: ChangeListener | None = None
@@ -69,6 +72,7 @@ class Server:
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMapping()]  # type: ignore[type-arg]
         if settings.auth_tokens:
             interceptors.insert(0, Authentication(settings.auth_tokens))
+        interceptors.insert(0, RequestLogging(settings.log_slow_rpc_seconds, self._tracer))
         self.metrics = Metrics(self)
         interceptors.insert(0, self.metrics.interceptor())
         self._grpc = grpc.aio.server(
@@ -189,9 +193,9 @@ async def _finished(task: asyncio.Task[None]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Server]:
+async def running(settings: Settings, *, tracer_provider: object = None) -> AsyncIterator[Server]:
     """A started server for the length of the block (tests and tools use this)."""
-    server = Server(settings)
+    server = Server(settings, tracer_provider=tracer_provider)
     try:
         await server.start()
         yield server

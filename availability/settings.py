@@ -52,6 +52,8 @@ class Settings:
     metrics_address: str = "127.0.0.1:9464"
     migrate_on_start: bool = True
     log_level: str = "INFO"
+    log_format: str = "auto"
+    log_slow_rpc_seconds: float = 0.5
 
     @property
     def truth_freshness_seconds(self) -> float:
@@ -104,6 +106,7 @@ class Settings:
             "database_timeout_seconds",
             "valkey_timeout_seconds",
             "valkey_breaker_seconds",
+            "log_slow_rpc_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
@@ -135,6 +138,8 @@ class Settings:
             )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if self.log_format not in ("auto", "json", "text"):
+            raise SettingsError("LOG_FORMAT must be auto, json or text")
         if self.metrics_address:
             _split_address(self.metrics_address, "METRICS_ADDRESS")
         self._validate_security()
@@ -215,6 +220,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "database_timeout_seconds": _float,
     "valkey_timeout_seconds": _float,
     "valkey_breaker_seconds": _float,
+    "log_slow_rpc_seconds": _float,
+    "log_format": str.lower,
     "valkey_breaker_failures": _int,
     "valkey_cluster": _bool,
     "allow_insecure_network": _bool,

@@ -55,6 +55,8 @@ def test_values_are_parsed_by_name() -> None:
         ("GRPC_ADDRESS", "0.0.0.0:50051"),
         ("VALKEY_KEY_PREFIX", "has{brace}"),
         ("DEFAULT_MAX_CONCURRENT_SESSIONS", "0"),
+        ("LOG_FORMAT", "xml"),
+        ("LOG_SLOW_RPC_SECONDS", "0"),
     ],
 )
 def test_bad_value_names_the_setting(name: str, value: str) -> None:

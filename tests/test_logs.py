@@ -1,0 +1,207 @@
+"""Logs: one JSON object a line carrying the request id (the caller's or one we made, told back
+in trailing metadata), the method, the mitra and the trace; OpenTelemetry spans continue the
+caller's trace."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from availability.local_stores import LocalValkey
+from availability.logs import JsonFormatter, TextFormatter
+from availability.server import Server, running
+from availability.settings import Settings
+from availability.v1 import availability_pb2 as pb
+from availability.v1 import availability_pb2_grpc as pb_grpc
+
+from .helpers import Fleet
+
+SERVICE = "availability.v1.AvailabilityService"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def parsed(self) -> list[dict[str, object]]:
+        """Every line, each of which must be one JSON object."""
+        return [json.loads(line) for line in self.lines]
+
+    def of(self, method: str) -> list[dict[str, object]]:
+        """The lines that end calls of one method."""
+        return [
+            line
+            for line in self.parsed()
+            if line["logger"] == "availability.rpc" and line["method"] == f"/{SERVICE}/{method}"
+        ]
+
+
+@pytest.fixture
+def logged() -> Iterator[Lines]:
+    root = logging.getLogger("availability")
+    handler, level = Lines(), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+async def test_each_call_logs_one_json_line_with_the_callers_request_id(
+    server: Server, fleet: Fleet, logged: Lines
+) -> None:
+    mitra = str(await fleet.mitra())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = pb_grpc.AvailabilityServiceStub(channel).SetOnline(
+            pb.SetOnlineRequest(mitra_id=mitra), metadata=(("x-request-id", "req-42"),)
+        )
+        await call
+        trailing = dict(await call.trailing_metadata() or ())
+
+    (line,) = logged.of("SetOnline")
+    assert line["request_id"] == "req-42" and trailing["x-request-id"] == "req-42"
+    assert line["mitra_id"] == mitra
+    assert line["code"] == "OK" and line["level"] == "DEBUG"
+    assert isinstance(line["duration_ms"], float) and line["duration_ms"] > 0
+    assert line["logger"] == "availability.rpc" and isinstance(line["time"], str)
+
+
+async def test_a_failed_call_gets_an_id_made_for_it_and_told_back(
+    server: Server, logged: Lines
+) -> None:
+    logging.getLogger("availability").setLevel(logging.INFO)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = pb_grpc.AvailabilityServiceStub(channel).GetMitraStatus(
+            pb.GetMitraStatusRequest(mitra_id="not-a-uuid")
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+    told = dict(refused.value.trailing_metadata() or ())["x-request-id"]
+
+    (line,) = logged.of("GetMitraStatus")
+    assert line["code"] == "INVALID_ARGUMENT" and line["level"] == "INFO"
+    assert line["request_id"] == told and len(str(told)) == 32
+    assert logged.of("SetOnline") == []
+
+
+async def test_lines_logged_inside_a_call_carry_its_request_id(
+    server_on_own_valkey: Server, own_valkey: LocalValkey, fleet: Fleet, logged: Lines
+) -> None:
+    mitra = str(await fleet.mitra())
+    own_valkey.stop()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_on_own_valkey.port}") as channel:
+        await pb_grpc.AvailabilityServiceStub(channel).SetOnline(
+            pb.SetOnlineRequest(mitra_id=mitra), metadata=(("x-request-id", "outage-1"),)
+        )
+
+    warnings = [line for line in logged.parsed() if line["logger"] == "availability.domain"]
+    assert warnings, logged.lines
+    for line in warnings:
+        assert line["request_id"] == "outage-1" and line["level"] == "WARNING"
+        assert line["mitra_id"] == mitra and "mirror write failed" in str(line["message"])
+
+
+async def test_the_callers_trace_id_is_logged_without_opentelemetry(
+    server: Server, fleet: Fleet, logged: Lines
+) -> None:
+    mitra = str(await fleet.mitra())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await pb_grpc.AvailabilityServiceStub(channel).GetMitraStatus(
+            pb.GetMitraStatusRequest(mitra_id=mitra), metadata=(("traceparent", TRACEPARENT),)
+        )
+    (line,) = logged.of("GetMitraStatus")
+    assert line["trace_id"] == TRACE_ID and line["span_id"] == CALLER_SPAN
+
+
+async def test_spans_continue_the_callers_trace(
+    settings: Settings, fleet: Fleet, logged: Lines
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    mitra = str(await fleet.mitra())
+    async with (
+        running(settings, tracer_provider=provider) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = pb_grpc.AvailabilityServiceStub(channel)
+        await stub.SetOnline(
+            pb.SetOnlineRequest(mitra_id=mitra), metadata=(("traceparent", TRACEPARENT),)
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.GetMitraStatus(pb.GetMitraStatusRequest(mitra_id=str(uuid.uuid4())))
+
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    online = spans[f"{SERVICE}/SetOnline"]
+    assert online.parent is not None and format(online.parent.span_id, "016x") == CALLER_SPAN
+    assert format(online.context.trace_id, "032x") == TRACE_ID
+    assert online.attributes is not None and online.attributes["rpc.grpc.status_code"] == 0
+    (line,) = logged.of("SetOnline")
+    assert line["trace_id"] == TRACE_ID
+    assert line["span_id"] == format(online.context.span_id, "016x")
+    unknown = spans[f"{SERVICE}/GetMitraStatus"]
+    assert unknown.parent is None and format(unknown.context.trace_id, "032x") != TRACE_ID
+    assert unknown.attributes is not None and unknown.attributes["rpc.grpc.status_code"] == 5
+
+
+def test_text_lines_for_a_terminal_carry_the_same_fields() -> None:
+    record = logging.LogRecord("availability.rpc", logging.INFO, "", 0, "done", None, None)
+    record.code = "OK"
+    text = TextFormatter().format(record)
+    assert text.endswith(f"INFO availability.rpc [{os.getpid()}] done  code=OK")
+
+
+def test_the_served_process_writes_json_lines(settings: Settings, tmp_path: Path) -> None:
+    from .test_process import _free_port, _wait_serving
+
+    address = f"127.0.0.1:{_free_port()}"
+    log = tmp_path / "server.log"
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "VALKEY_URL": settings.valkey_url,
+        "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
+        "GRPC_ADDRESS": address,
+        "METRICS_ADDRESS": "",
+        "LOG_LEVEL": "DEBUG",
+    }
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "availability", "serve"], env=env, stderr=out, stdout=out
+        )
+    try:
+        _wait_serving(address, process, log)  # type: ignore[arg-type]
+        with grpc.insecure_channel(address) as channel:
+            pb_grpc.AvailabilityServiceStub(channel).CountAvailableMitras(
+                pb.CountAvailableMitrasRequest(), metadata=(("x-request-id", "from-test"),)
+            )
+    finally:
+        process.terminate()
+        process.wait(30)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any(line["message"].startswith("serving on") for line in lines)
+    (counted,) = [line for line in lines if line.get("request_id") == "from-test"]
+    assert counted["method"] == f"/{SERVICE}/CountAvailableMitras" and counted["code"] == "OK"
+    assert lines[-1]["message"] == "stopped"
