@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import grpc
+
+from .dev import DEV_ENV
 from .logs import configure_logging
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("availability")
 
 
-def _settings() -> Settings:
+def _settings(env: dict[str, str] | None = None) -> Settings:
     try:
-        return Settings.from_env()
+        return Settings.from_env(env)
     except SettingsError as exc:
         print(f"availability: bad setting: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -61,6 +67,46 @@ async def _demo(settings: Settings, mitras: int, online_share: float, only_if_em
     print(f"loaded {mitras} demo mitras")
 
 
+def _status_env(data_dir: str) -> dict[str, str]:
+    """The environment, completed from what `availability dev` (make run) wrote under its data
+    folder when DATABASE_URL or VALKEY_URL is unset: status then finds the local stores."""
+    env = dict(os.environ)
+    written = Path(data_dir) / DEV_ENV
+    if written.exists() and not (env.get("DATABASE_URL") and env.get("VALKEY_URL")):
+        for line in written.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if not env.get(name):
+                env[name] = value
+    return env
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status import gather, render
+
+    settings = _settings(_status_env(args.data_dir))
+    credentials = None
+    if args.ca_file:
+        credentials = grpc.ssl_channel_credentials(
+            _read(args.ca_file), _read(args.key_file), _read(args.cert_file)
+        )
+    token = settings.auth_tokens[0] if settings.auth_tokens else None
+    report = asyncio.run(
+        gather(
+            settings,
+            address=args.address or settings.grpc_address,
+            token=token,
+            credentials=credentials,
+            timeout=args.timeout,
+        )
+    )
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0 if report["ok"] else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="availability", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,12 +122,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     dev.add_argument("--data-dir", default=".data")
     dev.add_argument("--demo-mitras", type=int, default=200)
+    status = commands.add_parser(
+        "status",
+        help="health, counts, sweeps, leaders, drift and degraded stores of a running deployment",
+    )
+    status.add_argument("--address", help="a server to ask (default GRPC_ADDRESS)")
+    status.add_argument("--json", action="store_true", help="one JSON document")
+    status.add_argument("--timeout", type=float, default=3.0, help="seconds for each store")
+    status.add_argument("--ca-file", help="TLS: the CA that signed the server's certificate")
+    status.add_argument("--cert-file", help="mutual TLS: this client's certificate chain")
+    status.add_argument("--key-file", help="mutual TLS: this client's key")
+    status.add_argument("--data-dir", default=".data", help="where `availability dev` runs")
     args = parser.parse_args(argv)
 
     if args.command == "dev":
         from .dev import run_dev
 
         return run_dev(str(args.data_dir), int(args.demo_mitras))
+    if args.command == "status":
+        return _status(args)
     settings = _settings()
     configure_logging(settings)
     if args.command == "serve":

@@ -25,6 +25,7 @@ from uuid import UUID
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .model import (
     AvailabilityChange,
@@ -70,25 +71,22 @@ _RESUMABLE = frozenset(
 
 def service_config(timeout: float, attempts: int) -> str:
     """Deadline and retries for every unary call; none for the two streams (a watch lives as
-    long as its caller wants, and resumes by itself)."""
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{"service": s} for s in _SERVICES],
-                    "timeout": f"{timeout}s",
-                    "retryPolicy": {
-                        "maxAttempts": attempts,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "1s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                },
-                {"name": [{"service": s, "method": m} for s, m in _STREAMS]},
-            ]
+    long as its caller wants, and resumes by itself). One attempt: no retry policy, which
+    gRPC requires to allow at least two."""
+    unary: dict[str, object] = {
+        "name": [{"service": s} for s in _SERVICES],
+        "timeout": f"{timeout}s",
+    }
+    if attempts > 1:
+        unary["retryPolicy"] = {
+            "maxAttempts": attempts,
+            "initialBackoff": "0.05s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
         }
-    )
+    streams = {"name": [{"service": s, "method": m} for s, m in _STREAMS]}
+    return json.dumps({"methodConfig": [unary, streams]})
 
 
 class AvailabilityClient:
@@ -133,6 +131,14 @@ class AvailabilityClient:
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
+
+    async def health(self, service: str = "") -> str:
+        """The server's health (grpc.health.v1) as a name: SERVING, NOT_SERVING, ..."""
+        reply = await health_pb2_grpc.HealthStub(self._channel).Check(
+            health_pb2.HealthCheckRequest(service=service), metadata=self._metadata
+        )
+        name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return name
 
     async def set_online(self, mitra_id: UUID | str) -> MitraStatus:
         request = pb.SetOnlineRequest(mitra_id=str(mitra_id))

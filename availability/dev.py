@@ -21,6 +21,9 @@ from .logs import configure_logging
 from .settings import Settings, SettingsError
 
 _DATABASE = "availability"
+DEV_ENV = "dev.env"
+"""Written under the data folder while `availability dev` runs: what `availability status`
+needs to find the stores it started."""
 
 
 async def _ensure_database(admin_dsn: str) -> str:
@@ -75,6 +78,16 @@ def run_dev(data_dir: str, demo_mitras: int) -> int:
             print(f"availability: bad setting: {exc}", file=sys.stderr)
             return 2
         configure_logging(settings)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = folder / DEV_ENV
+        written.write_text(
+            "".join(
+                f"{name}={env[name]}\n"
+                for name in ("DATABASE_URL", "VALKEY_URL", "GRPC_ADDRESS", "VALKEY_KEY_PREFIX")
+                if env.get(name)
+            )
+        )
+        stores.callback(written.unlink, missing_ok=True)
         sample = asyncio.run(_prepare(settings, demo_mitras))
         address = settings.grpc_address
         print(
@@ -88,6 +101,7 @@ def run_dev(data_dir: str, demo_mitras: int) -> int:
                 if sample
                 else ""
             )
+            + "  availability status   (in another terminal: .venv/bin/availability status)\n"
             + "Ctrl-C stops the server and the local stores.\n",
             file=sys.stderr,
         )

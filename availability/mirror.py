@@ -144,6 +144,9 @@ class Keys:
     revision: str
     events: str
     checked: str
+    instances: str
+    reports: str
+    sweeps: str
     prefix: str
 
     @classmethod
@@ -169,6 +172,9 @@ class Keys:
             revision=f"{tag}:watch:revision",
             events=f"{tag}:watch:events",
             checked=f"{tag}:watch:checked",
+            instances=f"{tag}:instances",
+            reports=f"{tag}:instances:reports",
+            sweeps=f"{tag}:sweeps",
             prefix=tag,
         )
 
@@ -198,6 +204,19 @@ class Keys:
             self.events,
             self.checked,
         ]
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The deployment's shared state: the seed, the mirrored online count, each sweep's last
+    run (JSON) and lease (owner, epoch, seconds left), and each instance's report (seconds
+    since it was seen, JSON)."""
+
+    seeded: bool
+    online: int
+    sweeps: dict[str, str]
+    leases: dict[str, tuple[str, int, float]]
+    instances: dict[str, tuple[float, str]]
 
 
 class HeartbeatOutcome(enum.Enum):
@@ -324,6 +343,7 @@ class Mirror:
         self._release = client.register_script(_script("release", prelude=False))
         self._watch_expire = client.register_script(_script("watch_expire"))
         self._watch_snapshot = client.register_script(_script("watch_snapshot"))
+        self._announce = client.register_script(_script("announce", prelude=False))
         self._beat_head = [
             _bulk(part)
             for part in (
@@ -615,6 +635,54 @@ class Mirror:
             MitraLoad(UUID(reply[i].decode()), reply[i + 2].decode(), int(reply[i + 1]))
             for i in range(1, len(reply), 3)
         ]
+
+    async def record_sweep(self, name: str, record: str) -> None:
+        """The last run of a sweep, whichever instance ran it (for `availability status`)."""
+        await self.client.hset(self.keys.sweeps, name, record)
+
+    async def announce(self, instance: str, report: str, forget_seconds: float) -> None:
+        """This instance's report, seen now by Valkey's clock; forgets silent instances."""
+        await self._announce(
+            keys=[self.keys.instances, self.keys.reports],
+            args=[instance, report, int(forget_seconds * 1000)],
+        )
+
+    async def withdraw(self, instance: str) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(self.keys.instances, instance)
+        pipe.hdel(self.keys.reports, instance)
+        await pipe.execute()
+
+    async def deployment(self, sweeps: Sequence[str]) -> Deployment:
+        """What the deployment shares in Valkey, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.time()
+        pipe.exists(self.keys.seeded)
+        pipe.scard(self.keys.online)
+        pipe.hgetall(self.keys.sweeps)
+        pipe.zrange(self.keys.instances, 0, -1, withscores=True)
+        pipe.hgetall(self.keys.reports)
+        for name in sweeps:
+            lease = self.keys.lease(name)[0]
+            pipe.get(lease)
+            pipe.pttl(lease)
+        now, seeded, online, records, seen, reports, *leases = await pipe.execute()
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        held: dict[str, tuple[str, int, float]] = {}
+        for name, value, ttl in zip(sweeps, leases[::2], leases[1::2], strict=True):
+            if value:
+                owner, _, epoch = value.decode().rpartition("/")
+                held[name] = (owner, int(epoch), max(int(ttl), 0) / 1000)
+        return Deployment(
+            seeded=bool(seeded),
+            online=int(online),
+            sweeps={k.decode(): v.decode() for k, v in records.items()},
+            leases=held,
+            instances={
+                member.decode(): ((now_ms - score) / 1000, reports.get(member, b"{}").decode())
+                for member, score in seen
+            },
+        )
 
     async def beacon_computations(self) -> int:
         """How many times any instance computed the beacon (for stampede checks)."""

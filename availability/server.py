@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -41,6 +44,9 @@ SERVICE_NAMES = (
     dashboard_pb.DESCRIPTOR.services_by_name["DashboardService"].full_name,
 )
 _STEP_SECONDS = 5.0
+ANNOUNCE_SECONDS = 2.0
+"""How often each instance reports itself in Valkey for `availability status`."""
+_FORGET_SECONDS = 60.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -60,6 +66,8 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics: Metrics | None = None
+        self._serving = False
+        self._started_at = datetime.now(UTC)
 
     async def start(self, *, reuse_port: bool = False) -> None:
         """Connect, bind (health NOT_SERVING), migrate, seed, start tasks, then SERVING."""
@@ -127,12 +135,42 @@ class Server:
         self.sweeps = Sweeps(availability)
         self.sweeps.start()
         await self._set_health(_SERVING)
+        self._serving = True
+        self._tasks.append(asyncio.create_task(self._announce(), name="announce"))
         log.info(
             "serving on %s (pid %d) after %.2fs",
             settings.grpc_address.rsplit(":", 1)[0] + f":{self.port}",
             os.getpid(),
             time.perf_counter() - started,
         )
+
+    def report(self) -> dict[str, object]:
+        """This instance as `availability status` shows it."""
+        availability, listener = self.availability, self.listener
+        assert availability is not None
+        counters = availability.counters
+        host = self.settings.grpc_address.rsplit(":", 1)[0]
+        return {
+            "address": f"{host}:{self.port}",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self._started_at.isoformat(),
+            "serving": self._serving,
+            "valkey_breaker_open": availability.mirror.breaker.is_open,
+            "fallbacks": sum(counters.fallbacks.values()),
+            "valkey_write_errors": sum(counters.mirror_write_errors.values()),
+            "unmirrored": len(availability.unmirrored),
+            "postgres_listener_connected": listener is not None and listener.connected.is_set(),
+            "watchers": availability.watch_hub.watchers,
+        }
+
+    async def _announce(self) -> None:
+        assert self.availability is not None and self.sweeps is not None
+        mirror, instance = self.availability.mirror, self.sweeps.owner
+        while True:
+            with contextlib.suppress(*MIRROR_ERRORS):
+                await mirror.announce(instance, json.dumps(self.report()), _FORGET_SECONDS)
+            await asyncio.sleep(ANNOUNCE_SECONDS)
 
     def _valkey_connected(self) -> None:
         if self.sweeps is not None:
@@ -147,6 +185,7 @@ class Server:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking calls, let in-flight ones finish, stop tasks, close pools. Each step
         is bounded, so a stuck one is logged by name and shutdown still completes."""
+        self._serving = False
         await self._step("health", self.health.enter_graceful_shutdown())
         if self.availability is not None:
             await self._step("watches", self.availability.watch_hub.stop())
@@ -159,11 +198,18 @@ class Server:
         for task in self._tasks:
             await self._step(task.get_name(), _finished(task))
         self._tasks.clear()
+        if self.availability is not None and self.sweeps is not None:
+            await self._step("withdraw", self._withdraw(self.availability.mirror))
         if self.metrics is not None:
             self.metrics.close()
         if self.availability is not None:
             await self._step("Valkey client", self.availability.mirror.close())
             await self._step("Postgres pool", self.availability.truth.close())
+
+    async def _withdraw(self, mirror: Mirror) -> None:
+        assert self.sweeps is not None
+        with contextlib.suppress(*MIRROR_ERRORS):
+            await mirror.withdraw(self.sweeps.owner)
 
     @staticmethod
     async def _step(name: str, step: Awaitable[object], seconds: float = _STEP_SECONDS) -> None:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from .domain import STORE_ERRORS, Availability
 from .errors import TruthUnavailable
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 AUTO_OFFLINE = "auto_offline"
 HEARTBEAT_FLUSH = "heartbeat_flush"
 RECONCILE = "reconcile"
+SWEEPS = (AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE)
 
 
 @dataclass
@@ -56,8 +61,10 @@ class Sweeps:
     def __init__(self, availability: Availability) -> None:
         self._availability = availability
         self._settings = availability.settings
-        self.owner = f"{uuid.uuid4().hex[:12]}"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        """This instance, as leases and `availability status` name it."""
         self.report = SweepReport()
+        self._details: dict[str, dict[str, Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
 
@@ -85,7 +92,7 @@ class Sweeps:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        for name in (AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE):
+        for name in SWEEPS:
             with contextlib.suppress(*MIRROR_ERRORS):
                 await self._availability.mirror.release_lease(name, self.owner)
 
@@ -116,19 +123,35 @@ class Sweeps:
             return False
         renew = asyncio.create_task(self._renew(name, ttl))
         started = time.perf_counter()
+        outcome, affected = "ok", 0
+        self._details[name] = {}
         try:
-            stats.affected += await sweep(epoch)
+            affected = await sweep(epoch)
+            stats.affected += affected
             stats.runs += 1
         except MIRROR_ERRORS as exc:
             stats.aborted += 1
+            outcome = f"aborted: Valkey error ({exc!r})"
             log.warning("%s aborted: Valkey error (%r); nothing taken from it", name, exc)
         except TruthUnavailable as exc:
             stats.aborted += 1
+            outcome = f"aborted: {exc}"
             log.warning("%s aborted: %s", name, exc)
         finally:
             renew.cancel()
             stats.last_duration_seconds = time.perf_counter() - started
             stats.last_run_at = datetime.now(UTC)
+        record = {
+            "at": stats.last_run_at.isoformat(),
+            "seconds": round(stats.last_duration_seconds, 4),
+            "every": interval,
+            "affected": affected,
+            "outcome": outcome,
+            "instance": self.owner,
+            **self._details.pop(name, {}),
+        }
+        with contextlib.suppress(*MIRROR_ERRORS):
+            await self._availability.mirror.record_sweep(name, json.dumps(record))
         return True
 
     async def _renew(self, name: str, ttl: float) -> None:
@@ -152,6 +175,7 @@ class Sweeps:
             return 0
         if stale > s.mass_stale_min and stale > s.mass_stale_share * online:
             self.report.guard_trips += 1
+            self._details[AUTO_OFFLINE] = {"guard_tripped": True, "stale": stale, "online": online}
             ids = ids[: s.mass_stale_max_per_sweep]
             log.error(
                 "mass-stale guard tripped: %d of %d online mitras stale at once; taking only "
@@ -181,6 +205,7 @@ class Sweeps:
     async def reconcile(self, epoch: int) -> int:
         mitras, drift = await self._availability.reconcile()
         self.report.drift += drift
+        self._details[RECONCILE] = {"mitras": mitras, "drift": asdict(drift)}
         if drift.total:
             log.warning("reconcile healed drift over %d mitras: %s", mitras, drift)
         return drift.total

@@ -489,6 +489,19 @@ class Truth:
             )
         return online, [MitraLoad(r["id"], r["display_name"], r["load"]) for r in rows]
 
+    async def vitals(self) -> tuple[bool, int, int, str]:
+        """(a read-only standby?, online mitras, mitras, last migration) for
+        `availability status`: a standby here means a failover left the service behind."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT pg_is_in_recovery() AS standby,"
+                " (SELECT count(*) FROM mitra_online_status WHERE is_online) AS online,"
+                " (SELECT count(*) FROM mitras) AS mitras,"
+                " (SELECT max(name) FROM schema_migrations) AS migration"
+            )
+        assert row is not None
+        return bool(row["standby"]), int(row["online"]), int(row["mitras"]), str(row["migration"])
+
     async def mitra_count(self) -> int:
         async with self._connection() as conn:
             return int(await conn.fetchval("SELECT count(*) FROM mitras"))
