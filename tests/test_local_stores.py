@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from availability.local_stores import (
     LocalPostgres,
@@ -20,6 +21,7 @@ from availability.local_stores import (
     free_port,
     start_postgres,
     start_valkey,
+    start_valkey_cluster,
 )
 
 SHARED_PORTS = {5432, 6379}
@@ -219,3 +221,36 @@ def test_a_port_taken_after_it_was_picked_is_picked_again(
             assert client(local).ping()
         finally:
             local.stop()
+
+
+def test_valkey_cluster_fails_over_a_killed_master_and_keeps_its_replicated_key(
+    tmp_path: Path,
+) -> None:
+    cluster = start_valkey_cluster(tmp_path / "cluster", masters=3, replicas=1)
+    key = "{mitra:7}:slots"
+    try:
+        assert len(cluster.nodes) == 6
+        with RedisCluster.from_url(cluster.url) as writer:
+            assert writer.set(key, "v")
+            # WAIT counts this client's writes on its connection: the pool hands back the SET's.
+            owner = writer.get_node_from_key(key)
+            assert writer.execute_command("WAIT", 1, 1000, target_nodes=owner) == 1
+        master = cluster.master_of(key)
+        assert client(master).get(key) == b"v"
+        replicas = cluster.replicas_of(master)
+        assert len(replicas) == 1
+
+        master.kill()
+        cluster.wait_failover(key, master, timeout=10.0)
+
+        assert cluster.master_of(key) is replicas[0]
+        with RedisCluster.from_url(cluster.url) as reader:
+            assert reader.get(key) == b"v"
+    finally:
+        cluster.stop()
+
+    cluster.stop()
+    for node in cluster.nodes:
+        assert not node.running
+        with pytest.raises(redis.ConnectionError):
+            client(node).ping()
