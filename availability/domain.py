@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -13,7 +14,7 @@ from uuid import UUID
 
 from .coalesce import Coalesced
 from .errors import HeartbeatRefused, MitraNotFound, TruthUnavailable
-from .mirror import MIRROR_ERRORS, HeartbeatOutcome, Mirror
+from .mirror import MIRROR_ERRORS, HeartbeatOutcome, Mirror, MirrorMiss
 from .model import (
     AvailabilityCount,
     AvailableMitra,
@@ -51,6 +52,28 @@ class Counters:
         counter[path] = counter.get(path, 0) + 1
 
 
+class _Throttled:
+    """At most one warning a second a path: in an outage every call fails the same way, and
+    a line each would bury the log; the metrics count every one."""
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        self._seconds = seconds
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, path: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(path, -self._seconds) < self._seconds:
+            self._held[path] = self._held.get(path, 0) + 1
+            return
+        self._last[path] = now
+        held = self._held.pop(path, 0)
+        if held:
+            message += " (and %d more like it since the last line)"
+            args += (held,)
+        log.warning(message, *args)
+
+
 class Availability:
     """The domain: one instance per process, shared by every RPC and background task."""
 
@@ -59,6 +82,7 @@ class Availability:
         self.mirror = mirror
         self.settings = settings
         self.counters = Counters()
+        self._warnings = _Throttled()
         self.unmirrored: set[UUID] = set()
         self._beacon: Coalesced[None, AvailabilityCount] = Coalesced()
         self.dashboards: Coalesced[int, DashboardStats] = Coalesced()
@@ -75,9 +99,12 @@ class Availability:
             return await from_mirror()
         except MIRROR_ERRORS as exc:
             Counters.bump(self.counters.fallbacks, path)
-            log.warning(
-                "%s: mirror failed (%s: %s), reading the truth", path, type(exc).__name__, exc
-            )
+            if isinstance(exc, MirrorMiss):
+                log.debug("%s: not in the mirror (%s), reading the truth", path, exc)
+            else:
+                self._warnings.warning(
+                    path, "%s: mirror failed (%s: %s), reading the truth", path, _named(exc), exc
+                )
             return await from_truth()
 
     async def _mirror(self, path: str, states: Sequence[MitraState]) -> None:
@@ -89,7 +116,9 @@ class Availability:
         except MIRROR_ERRORS as exc:
             Counters.bump(self.counters.mirror_write_errors, path)
             self.unmirrored.update(s.mitra_id for s in states)
-            log.warning("%s: mirror write failed (%s: %s)", path, type(exc).__name__, exc)
+            self._warnings.warning(
+                f"{path} write", "%s: mirror write failed (%s: %s)", path, _named(exc), exc
+            )
 
     async def repair_unmirrored(self) -> int:
         """Resync the mitras whose mirror write failed; returns how many were repaired."""
@@ -140,8 +169,11 @@ class Availability:
             outcome = await self.mirror.heartbeat(mitra_id)
         except MIRROR_ERRORS as exc:
             Counters.bump(self.counters.fallbacks, "heartbeat")
-            log.warning(
-                "heartbeat: mirror failed (%s: %s), recording in the truth", type(exc).__name__, exc
+            self._warnings.warning(
+                "heartbeat",
+                "heartbeat: mirror failed (%s: %s), recording in the truth",
+                _named(exc),
+                exc,
             )
             return await self.truth.record_heartbeat(mitra_id)
         if outcome is HeartbeatOutcome.DEACTIVATED:
@@ -253,3 +285,7 @@ class Availability:
             drift += Drift(forgotten=forgotten)
         await self.mirror.mark_seeded()
         return count, drift
+
+
+def _named(exc: BaseException) -> str:
+    return type(exc).__name__

@@ -205,3 +205,19 @@ def test_the_served_process_writes_json_lines(settings: Settings, tmp_path: Path
     (counted,) = [line for line in lines if line.get("request_id") == "from-test"]
     assert counted["method"] == f"/{SERVICE}/CountAvailableMitras" and counted["code"] == "OK"
     assert lines[-1]["message"] == "stopped"
+
+
+async def test_an_outage_logs_a_line_a_second_not_a_line_a_call(
+    server_on_own_valkey: Server, own_valkey: LocalValkey, fleet: Fleet, logged: Lines
+) -> None:
+    mitra = str(await fleet.mitra(online=True))
+    own_valkey.stop()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_on_own_valkey.port}") as channel:
+        stub = pb_grpc.AvailabilityServiceStub(channel)
+        for _ in range(20):
+            await stub.GetMitraStatus(pb.GetMitraStatusRequest(mitra_id=mitra))
+
+    warned = [line for line in logged.parsed() if "status: mirror failed" in str(line["message"])]
+    assert 1 <= len(warned) <= 2, warned
+    assert server_on_own_valkey.availability is not None
+    assert server_on_own_valkey.availability.counters.fallbacks["status"] >= 20
