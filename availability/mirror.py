@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .cluster import SlotPool, slot_of
 from .model import (
     AvailabilityChange,
     AvailabilityCount,
@@ -282,12 +283,15 @@ def connect_valkey(
     on_connect: Callable[[], None] | None = None,
     *,
     blocking_seconds: float = 0.0,
+    on_moved: Callable[[], None] | None = None,
 ) -> redis.Redis:
     """A client that fails fast: no retries or backoff, since every caller has a fallback.
 
     on_connect runs after every new connection, so a restarted Valkey is noticed the moment
     the client reaches it again. blocking_seconds extends the read timeout for a client
-    whose commands block on purpose (XREAD BLOCK).
+    whose commands block on purpose (XREAD BLOCK). With VALKEY_CLUSTER, the client talks to
+    the master of the deployment's one slot (cluster.py), and on_moved runs when that
+    master changed.
     """
 
     async def connected(connection: Connection) -> None:
@@ -298,14 +302,19 @@ def connect_valkey(
     url = settings.valkey_url.replace("valkey://", "redis://", 1).replace(
         "valkeys://", "rediss://", 1
     )
-    client: redis.Redis = redis.Redis.from_url(
-        url,
-        socket_timeout=settings.valkey_timeout_seconds + blocking_seconds,
-        socket_connect_timeout=settings.valkey_timeout_seconds,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-        redis_connect_func=connected,
-    )
+    options: dict[str, Any] = {
+        "socket_timeout": settings.valkey_timeout_seconds + blocking_seconds,
+        "socket_connect_timeout": settings.valkey_timeout_seconds,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+        "redis_connect_func": connected,
+    }
+    if settings.valkey_cluster:
+        pool = SlotPool.from_url(
+            url, slot=slot_of(settings.valkey_key_prefix), on_moved=on_moved, **options
+        )
+        return redis.Redis(connection_pool=pool)
+    client: redis.Redis = redis.Redis.from_url(url, **options)
     return client
 
 
@@ -430,12 +439,15 @@ class Mirror:
         pool and packing cost more than the rest of a heartbeat's Redis work."""
         self.heartbeat_calls += 1
         self.breaker.check()
-        if self._beat_connection is None:
-            self._beat_connection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        connection = self._beat_connection
         packed = [b"*%d\r\n" % (len(self._beat_head) + len(ids)), *self._beat_head]
         packed += [b"$%d\r\n%s\r\n" % (len(i), i.encode()) for i in ids]
         try:
+            connection = self._beat_connection
+            if connection is None:
+                pool = self.client.connection_pool
+                connection = pool.make_connection()  # type: ignore[no-untyped-call]
+                await pool.ensure_connection(connection)
+                self._beat_connection = connection
             await connection.send_packed_command(b"".join(packed), check_health=False)
             reply: list[int] = await connection.read_response()
         except NoScriptError:
@@ -443,7 +455,9 @@ class Mirror:
             self.breaker.succeeded()
             return list(await self._run(self._heartbeat, self._stale_ms, self._retain, *ids))
         except BaseException as exc:
-            await connection.disconnect()
+            if self._beat_connection is not None:
+                await self._beat_connection.disconnect()
+                self._beat_connection = None
             self.breaker.judge(exc)
             raise
         self.breaker.succeeded()

@@ -74,7 +74,10 @@ class Server:
         started = time.perf_counter()
         settings = self.settings
         truth = await Truth.connect(settings)
-        mirror = Mirror(connect_valkey(settings, self._valkey_connected), settings)
+        mirror = Mirror(
+            connect_valkey(settings, self._valkey_connected, on_moved=self._valkey_moved),
+            settings,
+        )
         self.availability = availability = Availability(truth, mirror, settings)
 
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMapping()]  # type: ignore[type-arg]
@@ -175,6 +178,10 @@ class Server:
     def _valkey_connected(self) -> None:
         if self.sweeps is not None:
             self.sweeps.valkey_connected()
+
+    def _valkey_moved(self) -> None:
+        if self.sweeps is not None:
+            self.sweeps.valkey_moved()
 
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType

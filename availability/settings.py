@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
@@ -92,8 +93,6 @@ class Settings:
             values[spec.name] = _parse(name, raw, _PARSERS.get(spec.name, str))
         settings = cls(**values)
         settings._validate()
-        if settings.valkey_cluster:
-            raise SettingsError("VALKEY_CLUSTER=true is not supported by this version yet")
         return settings
 
     def _validate(self) -> None:
@@ -132,6 +131,8 @@ class Settings:
             raise SettingsError("DATABASE_URL must be a postgresql:// URL")
         if not self.valkey_url.startswith(("redis://", "valkey://", "rediss://", "valkeys://")):
             raise SettingsError("VALKEY_URL must be a redis:// or valkey:// URL")
+        if self.valkey_cluster and urlsplit(self.valkey_url).path not in ("", "/", "/0"):
+            raise SettingsError("VALKEY_URL must name database 0 (or none) with VALKEY_CLUSTER")
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.valkey_key_prefix):
             raise SettingsError(
                 "VALKEY_KEY_PREFIX must be 1-64 characters of letters, digits, '_', '.', ':' or '-'"

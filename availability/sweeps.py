@@ -67,9 +67,16 @@ class Sweeps:
         self._details: dict[str, dict[str, Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
+        self._reconcile_due = False
 
     def valkey_connected(self) -> None:
         """Called from the Valkey connection on every (re)connect: check the seed now."""
+        self._connected.set()
+
+    def valkey_moved(self) -> None:
+        """The Valkey Cluster master serving the mirror changed: it may lack the last writes
+        the old one acknowledged, so reconcile now rather than at the next cycle."""
+        self._reconcile_due = True
         self._connected.set()
 
     def start(self) -> None:
@@ -221,6 +228,13 @@ class Sweeps:
             self._connected.clear()
             try:
                 if await self._availability.mirror.is_seeded():
+                    if self._reconcile_due:
+                        self._reconcile_due = False
+                        await self.run_once(
+                            RECONCILE,
+                            self._settings.valkey_online_mirror_sweep_seconds,
+                            self.reconcile,
+                        )
                     await self._availability.repair_unmirrored()
                     continue
             except STORE_ERRORS:

@@ -4,6 +4,9 @@ The shared servers (127.0.0.1:5432 and :6379, or TEST_DATABASE_URL / TEST_VALKEY
 used when they answer; otherwise throwaway ones are started. Each test run gets its own
 database, and each test its own Valkey key prefix, so runs and tests never see each other.
 Tests that stop a server use `own_valkey` / `own_postgres`, never the shared ones.
+
+Modules marked `single_and_cluster` run each of their tests twice: against the single Valkey
+and against a local Valkey Cluster (3 masters, 3 replicas) started once for the session.
 """
 
 from __future__ import annotations
@@ -30,7 +33,25 @@ from availability.v1 import availability_pb2_grpc as pb_grpc
 from .helpers import Fleet
 
 if TYPE_CHECKING:
-    from availability.local_stores import LocalPostgres, LocalValkey
+    from availability.local_stores import LocalPostgres, LocalValkey, LocalValkeyCluster
+
+_OWN_STORES = {"own_valkey", "own_postgres", "own_cluster"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`single_and_cluster` tests run on both kinds of Valkey, unless they bring their own."""
+    if (
+        metafunc.definition.get_closest_marker("single_and_cluster")
+        and "valkey_mode" in metafunc.fixturenames
+        and not _OWN_STORES & set(metafunc.fixturenames)
+    ):
+        metafunc.parametrize("valkey_mode", ["single", "cluster"], indirect=True)
+
+
+@pytest.fixture
+def valkey_mode(request: pytest.FixtureRequest) -> str:
+    mode: str = getattr(request, "param", "single")
+    return mode
 
 
 def _answers(host: str, port: int) -> bool:
@@ -115,11 +136,26 @@ def shared_valkey_url(store_dir: Path) -> Iterator[str]:
         local.stop()
 
 
+@pytest.fixture(scope="session")
+def shared_cluster(store_dir: Path) -> Iterator[LocalValkeyCluster]:
+    from availability import local_stores
+
+    cluster = local_stores.start_valkey_cluster(store_dir / "cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-def settings(database_url: str, shared_valkey_url: str) -> Settings:
+def settings(
+    request: pytest.FixtureRequest, database_url: str, shared_valkey_url: str, valkey_mode: str
+) -> Settings:
+    cluster = valkey_mode == "cluster"
     return Settings(
         database_url=database_url,
-        valkey_url=shared_valkey_url,
+        valkey_url=request.getfixturevalue("shared_cluster").url if cluster else shared_valkey_url,
+        valkey_cluster=cluster,
         grpc_address="127.0.0.1:0",
         valkey_key_prefix=f"test-{uuid.uuid4().hex[:12]}",
         migrate_on_start=False,
@@ -141,7 +177,12 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 @pytest.fixture
 async def valkey(settings: Settings) -> AsyncIterator[redis.Redis]:
-    client: redis.Redis = redis.Redis.from_url(settings.valkey_url, decode_responses=True)
+    """The test's own client of the deployment's Valkey (a cluster client in cluster mode)."""
+    client: redis.Redis
+    if settings.valkey_cluster:
+        client = redis.RedisCluster.from_url(settings.valkey_url, decode_responses=True)  # type: ignore[assignment]
+    else:
+        client = redis.Redis.from_url(settings.valkey_url, decode_responses=True)
     try:
         yield client
     finally:

@@ -19,6 +19,8 @@ from availability.v1 import availability_pb2_grpc as pb_grpc
 
 from .helpers import Fleet, eventually, notified
 
+pytestmark = pytest.mark.single_and_cluster
+
 Stub = pb_grpc.AvailabilityServiceStub
 
 

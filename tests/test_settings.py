@@ -91,9 +91,11 @@ def test_serve_with_bad_setting_exits_with_one_line() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_cluster_mode_is_refused_until_it_is_supported() -> None:
+def test_cluster_mode_takes_a_seed_node_of_database_0() -> None:
+    seed = {**BASE, "VALKEY_CLUSTER": "true", "VALKEY_URL": "redis://10.0.0.5:7000"}
+    assert Settings.from_env(seed).valkey_cluster
     with pytest.raises(SettingsError, match="VALKEY_CLUSTER"):
-        Settings.from_env({**BASE, "VALKEY_CLUSTER": "true"})
+        Settings.from_env({**seed, "VALKEY_URL": "redis://10.0.0.5:7000/2"})
 
 
 def test_beyond_loopback_is_refused_without_tokens_or_mutual_tls() -> None:

@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 import redis.asyncio as redis
 
 from availability.mirror import Keys
@@ -20,6 +21,8 @@ from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
 from .helpers import Fleet, eventually, notified
+
+pytestmark = pytest.mark.single_and_cluster
 
 Stub = pb_grpc.AvailabilityServiceStub
 
