@@ -54,6 +54,13 @@ class _RoutedConnection(Connection):
         super().__init__(**kwargs)
         self._misrouted = misrouted
 
+    async def connect(self) -> None:
+        try:
+            await super().connect()  # type: ignore[no-untyped-call]
+        except _MISROUTED:
+            self._misrouted((self.host, self.port))
+            raise
+
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)

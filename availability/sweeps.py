@@ -113,9 +113,9 @@ class Sweeps:
     async def run_once(
         self, name: str, interval: float, sweep: Callable[[int], Awaitable[int]]
     ) -> bool:
-        """One tick: take or renew the lease, run if held. The lease outlives the tick, so
-        the holder keeps it and the other instances skip; if the holder dies, another
-        takes over within 1.5 intervals."""
+        """One tick: take or renew the lease, run if held; True when the sweep ran to its
+        end. The lease outlives the tick, so the holder keeps it and the other instances skip;
+        if the holder dies, another takes over within 1.5 intervals."""
         stats = self.report.of(name)
         mirror = self._availability.mirror
         ttl = interval * 1.5
@@ -159,7 +159,7 @@ class Sweeps:
         }
         with contextlib.suppress(*MIRROR_ERRORS):
             await self._availability.mirror.record_sweep(name, json.dumps(record))
-        return True
+        return outcome == "ok"
 
     async def _renew(self, name: str, ttl: float) -> None:
         while True:
@@ -229,11 +229,16 @@ class Sweeps:
             try:
                 if await self._availability.mirror.is_seeded():
                     if self._reconcile_due:
-                        self._reconcile_due = False
-                        await self.run_once(
+                        # Due until it ran here or another instance holds the lease (it was
+                        # told of the move too); an aborted run is tried again.
+                        skipped = self.report.of(RECONCILE).skipped
+                        ran = await self.run_once(
                             RECONCILE,
                             self._settings.valkey_online_mirror_sweep_seconds,
                             self.reconcile,
+                        )
+                        self._reconcile_due = not ran and (
+                            self.report.of(RECONCILE).skipped == skipped
                         )
                     await self._availability.repair_unmirrored()
                     continue
