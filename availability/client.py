@@ -72,7 +72,9 @@ _RESUMABLE = frozenset(
 def service_config(timeout: float, attempts: int) -> str:
     """Deadline and retries for every unary call; none for the two streams (a watch lives as
     long as its caller wants, and resumes by itself). One attempt: no retry policy, which
-    gRPC requires to allow at least two."""
+    gRPC requires to allow at least two. Calls are spread round-robin over every address
+    the target resolves to (`dns:///availability:50051` with one address per instance, or
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051`)."""
     unary: dict[str, object] = {
         "name": [{"service": s} for s in _SERVICES],
         "timeout": f"{timeout}s",
@@ -86,7 +88,9 @@ def service_config(timeout: float, attempts: int) -> str:
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
     streams = {"name": [{"service": s, "method": m} for s, m in _STREAMS]}
-    return json.dumps({"methodConfig": [unary, streams]})
+    return json.dumps(
+        {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [unary, streams]}
+    )
 
 
 class AvailabilityClient:
