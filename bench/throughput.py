@@ -487,6 +487,13 @@ async def _count_reply(address: str) -> pb.CountAvailableMitrasResponse:
         return reply
 
 
+async def _script_time(valkey: redis.Redis) -> tuple[int, int]:
+    """(EVALSHA calls, µs Valkey spent in them) so far: its cost per heartbeat bounds how many
+    heartbeats one Valkey (one cluster slot) can take."""
+    stats = (await valkey.info("commandstats")).get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
 async def _scores(valkey: redis.Redis, keys: Keys, mitras: Sequence[str]) -> list[float]:
     return [float(await valkey.zscore(keys.heartbeats, m) or 0.0) for m in mitras]
 
@@ -533,7 +540,11 @@ async def _measure_server(
             for name in order if round_ == 1 else order[::-1]:
                 before = await _scores(valkey, keys, fleet.mitras)
                 started_ms = (await valkey.time())[0] * 1000
+                scripts_before = await _script_time(valkey)
                 load = await _h2load(h2load, served.port, calls[name], seconds, load_cpus, folder)
+                scripts = [
+                    a - b for a, b in zip(await _script_time(valkey), scripts_before, strict=True)
+                ]
                 problem = _check(calls[name], load)
                 if problem:
                     problems[name].append(problem)
@@ -542,8 +553,11 @@ async def _measure_server(
                     after = await _scores(valkey, keys, fleet.mitras)
                     pairs = zip(after, before, strict=True)
                     moved = sum(a > b and a >= started_ms for a, b in pairs)
+                    per_beat = scripts[1] / max(load.rps * seconds, 1)
                     heartbeat_checks.append(
-                        f"dirty HLEN {dirty}, {moved}/{len(after)} scores moved"
+                        f"dirty HLEN {dirty}, {moved}/{len(after)} scores moved, Valkey ran "
+                        f"{scripts[0]:,.0f} scripts for {load.rps * seconds:,.0f} heartbeats, "
+                        f"{per_beat:.1f} µs of its time a heartbeat (INFO commandstats)"
                     )
                     if moved != len(after):
                         problems[name].append(f"only {moved}/{len(after)} heartbeat scores moved")
@@ -611,7 +625,8 @@ async def _measure_server(
         )
         rows.append(
             Row(
-                f"{labels[name]} at concurrency {CONCURRENCY}, serve --workers {workers}",
+                f"{labels[name]} at concurrency {CONCURRENCY}, serve --workers {workers}"
+                + (f" ({workers} instances)" if workers > 1 else ""),
                 f"{ours.rps:,.0f} calls/s, p50 {ours.percentile_ms(0.5):.2f} ms, "
                 f"p99 {ours.percentile_ms(0.99):.2f} ms",
                 f"no-op Health/Check {noop.rps:,.0f} calls/s, "
@@ -641,7 +656,9 @@ async def bench_throughput(admin_dsn: str, valkey_url: str, quick: bool) -> list
         async with _fleet(admin_dsn, valkey_url, valkey, size) as fleet:
             with tempfile.TemporaryDirectory(prefix="availability-throughput-") as tmp:
                 folder = Path(tmp)
-                for workers in (1, 2):
+                # --workers N runs N instances (each its own pools, sweeps and watch hub)
+                # behind the kernel's SO_REUSEPORT balancing: three is the scale-out case.
+                for workers in (1, 2, 3):
                     cases = ["heartbeat", "beacon"]
                     rows += await _measure_server(
                         h2load, fleet, valkey, valkey_url, workers, cases, seconds, folder
