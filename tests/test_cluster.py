@@ -114,8 +114,7 @@ async def test_a_killed_master_fails_over_and_the_mirror_equals_postgres(
         finally:
             await direct.aclose()
         statuses = [
-            (await stub.GetMitraStatus(pb.GetMitraStatusRequest(mitra_id=m))).status
-            for m in mitras
+            (await stub.GetMitraStatus(pb.GetMitraStatusRequest(mitra_id=m))).status for m in mitras
         ]
         truth = await online_in_truth(db)
         assert all(s.source == pb.SOURCE_CACHE for s in statuses)
