@@ -20,7 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as redis
-from redis.asyncio.connection import Connection, ConnectionPool
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+)
 from redis.crc import key_slot
 from redis.exceptions import (
     ClusterDownError,
@@ -49,24 +54,40 @@ is being migrated key by key) is a MovedError too: a multi-key script cannot fol
 the call fails over to Postgres and the lookup after the migration finds the new owner."""
 
 
-class _RoutedConnection(Connection):
-    def __init__(self, *, misrouted: Callable[[Node], None], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._misrouted = misrouted
+class _Routing:
+    """Tells the pool when a connection found the slot gone from its node."""
+
+    host: str
+    port: int
+    misrouted: Callable[[Node], None]
 
     async def connect(self) -> None:
         try:
-            await super().connect()  # type: ignore[no-untyped-call]
+            await super().connect()  # type: ignore[misc]
         except _MISROUTED:
-            self._misrouted((self.host, self.port))
+            self.misrouted((self.host, self.port))
             raise
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await super().read_response(*args, **kwargs)
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
         except _MISROUTED:
-            self._misrouted((self.host, self.port))
+            self.misrouted((self.host, self.port))
             raise
+
+
+class _RoutedConnection(_Routing, Connection):
+    pass
+
+
+class _RoutedSSLConnection(_Routing, SSLConnection):
+    pass
+
+
+_ROUTED: dict[type[Connection], type[Connection]] = {
+    Connection: _RoutedConnection,
+    SSLConnection: _RoutedSSLConnection,
+}
 
 
 class SlotPool(ConnectionPool):
@@ -75,7 +96,10 @@ class SlotPool(ConnectionPool):
     def __init__(
         self, *, slot: int, on_moved: Callable[[], None] | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(connection_class=_RoutedConnection, **kwargs)
+        plain = kwargs.pop("connection_class", Connection)
+        if plain not in _ROUTED:
+            raise ValueError("VALKEY_CLUSTER needs a redis:// or rediss:// VALKEY_URL")
+        super().__init__(connection_class=_ROUTED[plain], **kwargs)
         self.slot = slot
         self._on_moved = on_moved
         self._known: list[Node] = [(kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)))]
@@ -84,11 +108,12 @@ class SlotPool(ConnectionPool):
         self._lookup = asyncio.Lock()
         self.moves = 0
 
-    def make_connection(self) -> Connection:
+    def make_connection(self) -> AbstractConnection:
         kwargs = dict(self.connection_kwargs)
         if self._route is not None:
             kwargs["host"], kwargs["port"] = self._route
-        connection: Connection = _RoutedConnection(misrouted=self.misrouted, **kwargs)
+        connection = self.connection_class(**kwargs)
+        connection.misrouted = self.misrouted  # type: ignore[attr-defined]
         return connection
 
     async def ensure_connection(self, connection: Any) -> None:

@@ -131,3 +131,14 @@ def test_the_cluster_fixture_serves_one_slot_from_one_master(
     started = time.monotonic()
     assert own_cluster.replicas_of(own_cluster.master_of(keys.online))
     assert time.monotonic() - started < 5
+
+
+def test_cluster_connections_keep_the_urls_transport() -> None:
+    from redis.asyncio.connection import SSLConnection
+
+    from availability.cluster import SlotPool
+
+    tls = SlotPool.from_url("rediss://10.0.0.5:7000/0", slot=1)
+    assert isinstance(tls.make_connection(), SSLConnection)
+    with pytest.raises(ValueError, match="VALKEY_CLUSTER"):
+        SlotPool.from_url("unix:///tmp/valkey.sock", slot=1)
