@@ -237,16 +237,23 @@ def _refusal(handler: Handler) -> Handler:
     return grpc.stream_stream_rpc_method_handler(_refuse, **kwargs)
 
 
-class RequestLogging(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Gives each RPC its request context (logs.Request) and writes one line when it ends:
-    at DEBUG for every call, at INFO for a caller's error (bad input, unknown mitra) and for
-    a stream's end, at WARNING for the server's errors (unavailable, internal, deadline) and
-    for unary calls slower than LOG_SLOW_RPC_SECONDS. Below DEBUG, a call that goes well
-    costs a context and a clock read. With a tracer (tracing.server_tracer), each call is a
-    span, child of the caller's trace context."""
+Record = Callable[[str, str, float, str], None]
+"""(service, method, seconds, code) of every RPC that ended: metrics.Metrics.record."""
 
-    def __init__(self, slow_seconds: float, tracer: Any = None) -> None:
+
+class Observed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """The outermost interceptor, one wrapper for everything measured about a call (refusals
+    by authentication included). Each RPC gets its request context (logs.Request) and, as it
+    ends, is recorded (the metrics) and logged in one line: at DEBUG for every call, at INFO
+    for a caller's error (bad input, unknown mitra) and for a stream's end, at WARNING for
+    the server's errors (unavailable, internal, deadline) and for unary calls slower than
+    LOG_SLOW_RPC_SECONDS. Below DEBUG, a call that goes well costs a context, two clock reads
+    and the metrics. With a tracer (tracing.server_tracer), each call is a span, child of the
+    caller's trace context."""
+
+    def __init__(self, slow_seconds: float, record: Record, tracer: Any = None) -> None:
         self._slow = slow_seconds
+        self._record = record
         self._tracer = tracer
 
     async def intercept_service(
@@ -264,7 +271,8 @@ class RequestLogging(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 sent_id = value if isinstance(value, str) else value.decode(errors="replace")
             elif key == "traceparent":
                 traceparent = value if isinstance(value, str) else value.decode(errors="replace")
-        slow, tracer = self._slow, self._tracer
+        slow, tracer, record = self._slow, self._tracer, self._record
+        service, _, name = method.lstrip("/").rpartition("/")
         metadata = handler_call_details.invocation_metadata or ()
 
         def traced(context: Request) -> contextlib.AbstractContextManager[Any]:
@@ -284,6 +292,7 @@ class RequestLogging(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             context: Request, started: float, code: str, rpc: Context, streamed: bool, span: Any
         ) -> None:
             seconds = time.perf_counter() - started
+            record(service, name, seconds, code)
             if span is not None:
                 finish(span, code)
             if code in SERVER_ERRORS or (seconds >= slow and not streamed):

@@ -3,23 +3,17 @@ ecosystem's go-grpc-prometheus), and the domain's own counters, read at scrape t
 
 from __future__ import annotations
 
-import inspect
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .interceptors import code_of, rewrap
-
 if TYPE_CHECKING:
-    from .interceptors import Context, Handler, Streaming, Unary
     from .server import Server
 
 log = logging.getLogger(__name__)
@@ -69,61 +63,10 @@ class Metrics:
             self._http.server_close()
             self._http = None
 
-    def interceptor(self) -> grpc.aio.ServerInterceptor:  # type: ignore[type-arg]
-        return _Measured(self)
-
-
-class _Measured(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        handled = self._metrics.handled
-        handling = self._metrics.handling.labels(service, method)
-
-        def record(started: float, code: str) -> None:
-            handling.observe(time.perf_counter() - started)
-            handled.labels(service, method, code).inc()
-
-        def unary(behavior: Unary) -> Unary:
-            async def measured(request: Any, context: Context) -> Any:
-                started, code = time.perf_counter(), "OK"
-                try:
-                    return await behavior(request, context)
-                except BaseException:
-                    code = code_of(context)
-                    raise
-                finally:
-                    record(started, code)
-
-            return measured
-
-        def stream(behavior: Streaming) -> Streaming | Unary:
-            if not inspect.isasyncgenfunction(behavior):
-                return unary(behavior)  # type: ignore[arg-type]
-
-            async def measured(request: Any, context: Context) -> AsyncIterator[Any]:
-                started, code = time.perf_counter(), "OK"
-                try:
-                    async for reply in behavior(request, context):
-                        yield reply
-                except BaseException:
-                    code = code_of(context)
-                    raise
-                finally:
-                    record(started, code)
-
-            return measured
-
-        return rewrap(handler, unary, stream)
+    def record(self, service: str, method: str, seconds: float, code: str) -> None:
+        """One RPC ended (interceptors.Observed calls this for every call)."""
+        self.handling.labels(service, method).observe(seconds)
+        self.handled.labels(service, method, code).inc()
 
 
 class _Domain(Collector):

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .domain import Availability
-from .interceptors import Authentication, ErrorMapping, RequestLogging
+from .interceptors import Authentication, ErrorMapping, Observed
 from .listener import ChangeListener
 from .metrics import Metrics
 from .mirror import MIRROR_ERRORS, Mirror, connect_valkey
@@ -83,9 +83,10 @@ class Server:
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMapping()]  # type: ignore[type-arg]
         if settings.auth_tokens:
             interceptors.insert(0, Authentication(settings.auth_tokens))
-        interceptors.insert(0, RequestLogging(settings.log_slow_rpc_seconds, self._tracer))
         self.metrics = Metrics(self)
-        interceptors.insert(0, self.metrics.interceptor())
+        interceptors.insert(
+            0, Observed(settings.log_slow_rpc_seconds, self.metrics.record, self._tracer)
+        )
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[

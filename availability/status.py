@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -225,67 +226,83 @@ def render(report: dict[str, Any]) -> str:
         + ("OK" if report["ok"] else f"DEGRADED ({len(report['problems'])} problems)"),
         "",
     ]
-    server = report["server"]
-    if "error" in server:
-        lines.append(f"server     {server['address']}  ERROR {server['error']}")
-    else:
-        lines.append(
-            f"server     {server['address']}  {server['health']}  online {server['online']}"
-            f"  available {server['available']}  (as of {server['as_of']}, {server['source']})"
-        )
-    valkey = report["valkey"]
-    if "error" in valkey:
-        lines.append(f"valkey     {valkey['url']}  ERROR {valkey['error']}")
-    else:
-        seeded = "seeded" if valkey["seeded"] else "NOT SEEDED"
-        lines.append(
-            f"valkey     {valkey['url']}  ok {valkey['ping_ms']} ms  {seeded}"
-            f"  online {valkey['online']}"
-        )
-    postgres = report["postgres"]
-    if "error" in postgres:
-        lines.append(f"postgres   {postgres['url']}  ERROR {postgres['error']}")
-    else:
-        role = "STANDBY (read-only)" if postgres["standby"] else "primary"
-        lines.append(
-            f"postgres   {postgres['url']}  ok {postgres['ping_ms']} ms  {role}"
-            f"  online {postgres['online']} of {postgres['mitras']} mitras"
-            f"  schema {postgres['schema']}"
-        )
+    server, valkey, postgres = report["server"], report["valkey"], report["postgres"]
+    lines += [
+        _part("server", server["address"], server, _server_state),
+        _part("valkey", valkey["url"], valkey, _valkey_state),
+        _part("postgres", postgres["url"], postgres, _postgres_state),
+    ]
     if "drift" in report:
         lines.append(
             f"drift      mirror minus truth, online: {report['drift']['online_mirror_minus_truth']}"
         )
-    for index, (name, sweep) in enumerate(report["sweeps"].items()):
-        head = "sweeps     " if index == 0 else "           "
-        leader = (
-            f"leader {sweep['leader']} (epoch {sweep['epoch']},"
-            f" {sweep['lease_seconds_left']:.0f} s left)"
-            if "leader" in sweep
-            else "no leader"
-        )
-        last = sweep.get("last")
-        ran = (
-            f"last {last['outcome']} {last['age_seconds']:.0f} s ago"
-            f" in {last['seconds'] * 1000:.0f} ms, {last['affected']} mitras, by {last['instance']}"
-            if last
-            else "never ran"
-        )
-        lines.append(f"{head}{name:<16} {leader}; {ran}")
-    for index, (name, instance) in enumerate(report["instances"].items()):
-        head = "instances  " if index == 0 else "           "
-        lines.append(
-            f"{head}{name}  {instance.get('address')}"
-            f"  {'serving' if instance.get('serving') else 'NOT SERVING'}"
-            f"  seen {instance['seen_seconds_ago']} s ago"
-            f"  breaker {'OPEN' if instance.get('valkey_breaker_open') else 'closed'}"
-            f"  fallbacks {instance.get('fallbacks')}"
-            f"  write errors {instance.get('valkey_write_errors')}"
-            f"  listener {'up' if instance.get('postgres_listener_connected') else 'DOWN'}"
-            f"  watchers {instance.get('watchers')}"
-        )
+    lines += _titled("sweeps", [_sweep_line(n, s) for n, s in report["sweeps"].items()])
+    lines += _titled("instances", [_instance_line(n, i) for n, i in report["instances"].items()])
     if report["problems"]:
         lines += ["", "problems:", *(f"  - {problem}" for problem in report["problems"])]
     if report["notes"]:
         lines += ["", "notes:", *(f"  - {note}" for note in report["notes"])]
     return "\n".join(lines)
+
+
+def _titled(title: str, rows: list[str]) -> list[str]:
+    """Rows under a title in the first column: `sweeps     auto_offline ...`."""
+    return [f"{title if index == 0 else '':<11}{row}" for index, row in enumerate(rows)]
+
+
+def _sweep_line(name: str, sweep: dict[str, Any]) -> str:
+    leader = (
+        f"leader {sweep['leader']} (epoch {sweep['epoch']},"
+        f" {sweep['lease_seconds_left']:.0f} s left)"
+        if "leader" in sweep
+        else "no leader"
+    )
+    last = sweep.get("last")
+    ran = (
+        f"last {last['outcome']} {last['age_seconds']:.0f} s ago"
+        f" in {last['seconds'] * 1000:.0f} ms, {last['affected']} mitras, by {last['instance']}"
+        if last
+        else "never ran"
+    )
+    return f"{name:<16} {leader}; {ran}"
+
+
+def _instance_line(name: str, instance: dict[str, Any]) -> str:
+    return (
+        f"{name}  {instance.get('address')}"
+        f"  {'serving' if instance.get('serving') else 'NOT SERVING'}"
+        f"  seen {instance['seen_seconds_ago']} s ago"
+        f"  breaker {'OPEN' if instance.get('valkey_breaker_open') else 'closed'}"
+        f"  fallbacks {instance.get('fallbacks')}"
+        f"  write errors {instance.get('valkey_write_errors')}"
+        f"  listener {'up' if instance.get('postgres_listener_connected') else 'DOWN'}"
+        f"  watchers {instance.get('watchers')}"
+    )
+
+
+def _part(
+    title: str, where: str, section: dict[str, Any], state: Callable[[dict[str, Any]], str]
+) -> str:
+    return f"{title:<11}{where}  " + (
+        f"ERROR {section['error']}" if "error" in section else state(section)
+    )
+
+
+def _server_state(server: dict[str, Any]) -> str:
+    return (
+        f"{server['health']}  online {server['online']}  available {server['available']}"
+        f"  (as of {server['as_of']}, {server['source']})"
+    )
+
+
+def _valkey_state(valkey: dict[str, Any]) -> str:
+    seeded = "seeded" if valkey["seeded"] else "NOT SEEDED"
+    return f"ok {valkey['ping_ms']} ms  {seeded}  online {valkey['online']}"
+
+
+def _postgres_state(postgres: dict[str, Any]) -> str:
+    role = "STANDBY (read-only)" if postgres["standby"] else "primary"
+    return (
+        f"ok {postgres['ping_ms']} ms  {role}  online {postgres['online']} of"
+        f" {postgres['mitras']} mitras  schema {postgres['schema']}"
+    )
