@@ -265,15 +265,15 @@ class Observed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         method = handler_call_details.method
+        metadata = handler_call_details.invocation_metadata or ()
         sent_id = traceparent = ""
-        for key, value in handler_call_details.invocation_metadata or ():
+        for key, value in metadata:
             if key == REQUEST_ID_HEADER:
                 sent_id = value if isinstance(value, str) else value.decode(errors="replace")
             elif key == "traceparent":
                 traceparent = value if isinstance(value, str) else value.decode(errors="replace")
         slow, tracer, record = self._slow, self._tracer, self._record
         service, _, name = method.lstrip("/").rpartition("/")
-        metadata = handler_call_details.invocation_metadata or ()
 
         def traced(context: Request) -> contextlib.AbstractContextManager[Any]:
             if tracer is None:
@@ -315,7 +315,7 @@ class Observed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             )
 
         def unary(behavior: Unary) -> Unary:
-            async def logged(request: Any, rpc: Context) -> Any:
+            async def observed(request: Any, rpc: Context) -> Any:
                 context, started, code = begin(request), time.perf_counter(), "OK"
                 with traced(context) as span:
                     try:
@@ -326,13 +326,13 @@ class Observed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     finally:
                         end(context, started, code, rpc, False, span)
 
-            return logged
+            return observed
 
         def stream(behavior: Streaming) -> Streaming | Unary:
             if not inspect.isasyncgenfunction(behavior):
                 return unary(behavior)  # type: ignore[arg-type]
 
-            async def logged(request: Any, rpc: Context) -> AsyncIterator[Any]:
+            async def observed(request: Any, rpc: Context) -> AsyncIterator[Any]:
                 context, started, code = begin(request), time.perf_counter(), "OK"
                 with traced(context) as span:
                     try:
@@ -344,7 +344,7 @@ class Observed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     finally:
                         end(context, started, code, rpc, True, span)
 
-            return logged
+            return observed
 
         return rewrap(handler, unary, stream)
 
