@@ -101,7 +101,7 @@ def run_dev(data_dir: str, demo_mitras: int) -> int:
                 if sample
                 else ""
             )
-            + "  availability status   (in another terminal: .venv/bin/availability status)\n"
+            + f"  {Path(sys.executable).parent / 'availability'} status\n"
             + "Ctrl-C stops the server and the local stores.\n",
             file=sys.stderr,
         )

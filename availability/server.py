@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -29,7 +29,7 @@ from .mirror import MIRROR_ERRORS, Mirror, connect_valkey
 from .services.availability import AvailabilityService
 from .services.dashboard import DashboardService
 from .settings import Settings
-from .sweeps import Sweeps
+from .sweeps import RECONCILE, Sweeps
 from .tracing import server_tracer
 from .truth import Truth
 from .v1 import availability_pb2 as pb
@@ -130,14 +130,23 @@ class Server:
         except TimeoutError:
             self.listener.reconcile_on_connect = True
             log.warning("change listener not connected yet; it keeps trying and reconciles then")
+        self.sweeps = sweeps = Sweeps(availability)
         try:
+            seeding = time.perf_counter()
             seeded, drift = await availability.reconcile()
             log.info("mirror seeded with %d mitras (%d changes)", seeded, drift.total)
+            await sweeps.record(
+                RECONCILE,
+                settings.valkey_online_mirror_sweep_seconds,
+                time.perf_counter() - seeding,
+                "ok",
+                drift.total,
+                {"mitras": seeded, "drift": asdict(drift), "at_start_up": True},
+            )
         except MIRROR_ERRORS as exc:
             log.warning("Valkey unavailable at start-up (%s); serving from Postgres", exc)
         await availability.watch_hub.start()
-        self.sweeps = Sweeps(availability)
-        self.sweeps.start()
+        sweeps.start()
         await self._set_health(_SERVING)
         self._serving = True
         self._tasks.append(asyncio.create_task(self._announce(), name="announce"))

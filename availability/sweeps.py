@@ -148,18 +148,32 @@ class Sweeps:
             renew.cancel()
             stats.last_duration_seconds = time.perf_counter() - started
             stats.last_run_at = datetime.now(UTC)
+        await self.record(
+            name, interval, stats.last_duration_seconds, outcome, affected, self._details.pop(name)
+        )
+        return outcome == "ok"
+
+    async def record(
+        self,
+        name: str,
+        every: float,
+        seconds: float,
+        outcome: str,
+        affected: int,
+        details: dict[str, Any],
+    ) -> None:
+        """Tell the deployment (`availability status`) how this sweep last ran."""
         record = {
-            "at": stats.last_run_at.isoformat(),
-            "seconds": round(stats.last_duration_seconds, 4),
-            "every": interval,
+            "at": datetime.now(UTC).isoformat(),
+            "seconds": round(seconds, 4),
+            "every": every,
             "affected": affected,
             "outcome": outcome,
             "instance": self.owner,
-            **self._details.pop(name, {}),
+            **details,
         }
         with contextlib.suppress(*MIRROR_ERRORS):
             await self._availability.mirror.record_sweep(name, json.dumps(record))
-        return outcome == "ok"
 
     async def _renew(self, name: str, ttl: float) -> None:
         while True:

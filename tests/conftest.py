@@ -180,9 +180,11 @@ async def valkey(settings: Settings) -> AsyncIterator[redis.Redis]:
     """The test's own client of the deployment's Valkey (a cluster client in cluster mode)."""
     client: redis.Redis
     if settings.valkey_cluster:
-        client = redis.RedisCluster.from_url(settings.valkey_url, decode_responses=True)  # type: ignore[assignment]
+        client = redis.RedisCluster.from_url(  # type: ignore[assignment]
+            settings.valkey_url, decode_responses=True, socket_timeout=5
+        )
     else:
-        client = redis.Redis.from_url(settings.valkey_url, decode_responses=True)
+        client = redis.Redis.from_url(settings.valkey_url, decode_responses=True, socket_timeout=5)
     try:
         yield client
     finally:

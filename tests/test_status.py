@@ -113,6 +113,8 @@ async def test_a_tripped_mass_stale_guard_is_a_problem(
     guarded = replace(settings, mass_stale_min=10, mass_stale_max_per_sweep=4)
     mitras = [await fleet.mitra(online=True) for _ in range(30)]
     async with running(guarded) as server:
+        seeded = (await status_of(server))["sweeps"][RECONCILE]["last"]
+        assert seeded["at_start_up"] and seeded["mitras"] == 30, "the seed counts as a run"
         await make_stale(valkey, Keys.for_prefix(guarded.valkey_key_prefix), *mitras[:20])
         await tick(server, AUTO_OFFLINE)
 

@@ -43,8 +43,16 @@ async def tick(server: Server, name: str) -> bool:
 
 
 async def make_stale(valkey: redis.Redis, keys: Keys, *mitras: uuid.UUID) -> None:
+    """Age their heartbeats; again if the listener's resync of a just-made write (which
+    carries Postgres's newer heartbeat time) lands after and freshens them."""
     await notified(valkey, keys, *mitras)
-    await valkey.zadd(keys.heartbeats, {str(m): 1_000 for m in mitras})
+
+    async def stays_stale() -> bool:
+        await valkey.zadd(keys.heartbeats, {str(m): 1_000 for m in mitras})
+        await asyncio.sleep(0.1)
+        return all([await valkey.zscore(keys.heartbeats, str(m)) == 1_000 for m in mitras])
+
+    await eventually(stays_stale)
 
 
 async def online_in_truth(db: asyncpg.Connection) -> set[uuid.UUID]:
