@@ -180,7 +180,11 @@ def _sweeps(
                     f"mass-stale guard tripped: {last['stale']} of {last['online']} online "
                     "stale at once; see Runbook: mass-stale guard tripped"
                 )
-            if name == RECONCILE and sum(last.get("drift", {}).values()):
+            if name == RECONCILE and last.get("at_start_up"):
+                notes.append(
+                    f"the last reconcile was the start-up seed ({last['affected']} changes)"
+                )
+            elif name == RECONCILE and sum(last.get("drift", {}).values()):
                 notes.append(
                     f"the last reconcile healed drift {last['drift']}: after a Valkey restart "
                     "that is the reseed; otherwise see Runbook: Drift alarms"
@@ -260,7 +264,7 @@ def _sweep_line(name: str, sweep: dict[str, Any]) -> str:
     last = sweep.get("last")
     ran = (
         f"last {last['outcome']} {last['age_seconds']:.0f} s ago"
-        f" in {last['seconds'] * 1000:.0f} ms, {last['affected']} mitras, by {last['instance']}"
+        f" in {last['seconds'] * 1000:.0f} ms, {last['affected']} affected, by {last['instance']}"
         if last
         else "never ran"
     )
