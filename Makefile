@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_OUT := availability/v1
 PROTOS := $(wildcard protos/availability/v1/*.proto)
 
-.PHONY: run test lint protos check-protos install clean bench bench-quick chaos
+.PHONY: run test lint protos check-protos install clean bench bench-quick chaos chaos-cluster
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench-quick: $(STAMP)
 # Mixed load while Valkey is killed and restarted and Postgres restarts; writes bench/CHAOS.md.
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos
+
+# The same with Valkey as a local Valkey Cluster, whose slot master is killed; writes bench/CHAOS-cluster.md.
+chaos-cluster: $(STAMP)
+	$(BIN)/python -m bench.chaos --cluster
 
 clean:
 	rm -rf $(VENV) build .data

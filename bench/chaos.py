@@ -1,7 +1,7 @@
 """Issue 7: mixed load on `availability serve` while Valkey is killed and restarted and
 Postgres is restarted; then checks that nothing acknowledged was lost.
 
-    python -m bench.chaos [--seconds-per-phase 12] [--mitras 300]
+    python -m bench.chaos [--seconds-per-phase 12] [--mitras 300] [--cluster]
 
 Own throwaway Postgres and Valkey on free ports (never the shared ones), a server process,
 and in this process: heartbeats, finds, writes (SetOnline/SetOffline/SetMitraActive),
@@ -12,6 +12,11 @@ bench/CHAOS.md, and fails (exit 1) unless, after recovery:
     its mitra unchecked until the next acknowledged one: it may or may not have committed);
   - the mirror equals Postgres (online and deactivated sets);
   - every watcher is in sync and its set equals FindAvailableMitras.
+
+With --cluster, Valkey is a local Valkey Cluster (3 masters, 3 replicas): "valkey killed"
+kills the master serving the mirror's slot and waits for a replica to take over, "valkey
+back" restarts the old master (it rejoins as a replica), and the report goes to
+bench/CHAOS-cluster.md.
 """
 
 from __future__ import annotations
@@ -121,14 +126,42 @@ async def _server(env: dict[str, str], log: Path) -> AsyncIterator[str]:
                 process.kill()
 
 
-def _keeper(commands: Connection, folder: Path) -> None:
+class _SlotMaster:
+    """A Valkey Cluster driven like one Valkey: kill() kills the master of the mirror's slot
+    and returns once a replica serves it; start() brings the old master back as a replica."""
+
+    def __init__(self, cluster: local_stores.LocalValkeyCluster) -> None:
+        self.cluster = cluster
+        self.url = cluster.url
+        self._key = Keys.for_prefix(PREFIX).online
+        self._killed: local_stores.LocalValkey | None = None
+
+    def kill(self) -> None:
+        self._killed = self.cluster.master_of(self._key)
+        self._killed.kill()
+        self.cluster.wait_failover(self._key, self._killed, 30.0)
+
+    def start(self) -> None:
+        if self._killed is not None:
+            self._killed.start()
+            self.cluster.wait_ok(30.0)
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+def _keeper(commands: Connection, folder: Path, cluster: bool) -> None:
     """Owns the throwaway servers, in a process without gRPC's threads: starting a server
     forks, and a fork beside gRPC's threads can crash the child before it runs anything."""
-    stores = {
+    stores: dict[str, local_stores.LocalPostgres | local_stores.LocalValkey | _SlotMaster] = {
         "postgres": local_stores.start_postgres(folder / "postgres"),
-        "valkey": local_stores.start_valkey(folder / "valkey"),
+        "valkey": (
+            _SlotMaster(local_stores.start_valkey_cluster(folder / "cluster"))
+            if cluster
+            else local_stores.start_valkey(folder / "valkey")
+        ),
     }
-    commands.send((stores["postgres"].dsn, stores["valkey"].url))
+    commands.send((stores["postgres"].dsn, stores["valkey"].url))  # type: ignore[union-attr]
     while True:
         command = commands.recv()
         if command == "quit":
@@ -147,10 +180,11 @@ def _keeper(commands: Connection, folder: Path) -> None:
 class Stores:
     """Tells the keeper process what to do with the servers: `await stores.do("valkey kill")`."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, cluster: bool) -> None:
         context = multiprocessing.get_context("spawn")
         self._pipe, child = context.Pipe()
-        self._process = context.Process(target=_keeper, args=(child, folder), daemon=True)
+        self.cluster = cluster
+        self._process = context.Process(target=_keeper, args=(child, folder, cluster), daemon=True)
         self._process.start()
         self.dsn, self.valkey_url = self._pipe.recv()
 
@@ -171,13 +205,13 @@ class Stores:
 
 
 async def run(
-    seconds_per_phase: float, mitras: int, report: Path | None
+    seconds_per_phase: float, mitras: int, report: Path | None, *, cluster: bool = False
 ) -> tuple[Tally, list[str]]:
     """The whole run; returns the requests by phase and the problems found (none: nothing
     was lost)."""
     with tempfile.TemporaryDirectory(prefix="availability-chaos-") as tmp:
         folder = Path(tmp)
-        stores = Stores(folder)
+        stores = Stores(folder, cluster)
         try:
             return await _run(stores, folder, seconds_per_phase, mitras, report)
         finally:
@@ -200,6 +234,7 @@ async def _run(
         **os.environ,
         "DATABASE_URL": stores.dsn,
         "VALKEY_URL": stores.valkey_url,
+        "VALKEY_CLUSTER": str(stores.cluster).lower(),
         "VALKEY_KEY_PREFIX": PREFIX,
         "LOG_LEVEL": "WARNING",
         "DATABASE_TIMEOUT_SECONDS": "2",
@@ -294,12 +329,12 @@ async def _run(
                 await asyncio.sleep(seconds)
             stop.set()
             await asyncio.gather(*tasks)
-            problems = await _check(stores.dsn, stores.valkey_url, client, watchers, expected)
+            problems = await _check(stores, client, watchers, expected)
         await client.close()
     internal = sum(n for (_, _, code), n in tally.counts.items() if code in ("INTERNAL", "UNKNOWN"))
     if internal:
         problems.append(f"{internal} calls answered INTERNAL or UNKNOWN (see the server log)")
-    lines = _report(tally, problems, seconds, fleet_size)
+    lines = _report(tally, problems, seconds, fleet_size, stores.cluster)
     print("\n".join(lines))
     if report is not None:
         await asyncio.to_thread(report.write_text, "\n".join(lines) + "\n")
@@ -307,15 +342,14 @@ async def _run(
 
 
 async def _check(
-    dsn: str,
-    valkey_url: str,
+    stores: Stores,
     client: AvailabilityClient,
     watchers: list[LiveAvailability],
     expected: Expected,
 ) -> list[str]:
     """After recovery: acknowledged writes in Postgres, mirror = Postgres, watchers in sync."""
     problems: list[str] = []
-    db = await asyncpg.connect(dsn)
+    db = await asyncpg.connect(stores.dsn)
     rows = await db.fetch(
         "SELECT m.id, m.is_active, coalesce(s.is_online, false) AS online"
         " FROM mitras m LEFT JOIN mitra_online_status s ON s.mitra_id = m.id"
@@ -331,7 +365,11 @@ async def _check(
     if lost:
         problems.append(f"{len(lost)} acknowledged writes not in Postgres, e.g. {lost[0]}")
     keys = Keys.for_prefix(PREFIX)
-    mirror = redis.Redis.from_url(valkey_url, decode_responses=True)
+    mirror: redis.Redis = (
+        redis.RedisCluster.from_url(stores.valkey_url, decode_responses=True)  # type: ignore[assignment]
+        if stores.cluster
+        else redis.Redis.from_url(stores.valkey_url, decode_responses=True)
+    )
 
     async def mirrored() -> list[str]:
         online = await mirror.smembers(keys.online)
@@ -363,14 +401,30 @@ async def _check(
     return problems
 
 
-def _report(tally: Tally, problems: list[str], seconds: float, mitras: int) -> list[str]:
+def _report(
+    tally: Tally, problems: list[str], seconds: float, mitras: int, cluster: bool
+) -> list[str]:
     rpcs = sorted({rpc for _, rpc, _ in tally.counts})
+    valkey = (
+        [
+            f"`python -m bench.chaos --cluster`: {mitras} mitras, {seconds:g} s a phase, on a",
+            "local Valkey Cluster of 3 masters and 3 replicas. The master serving the mirror's",
+            "slot is killed at the start of the second phase (whose time starts once a replica",
+            "took over) and restarted at the third, when it rejoins as a replica; Postgres is",
+            "stopped and started at the fourth.",
+        ]
+        if cluster
+        else [
+            f"`python -m bench.chaos`: {mitras} mitras, {seconds:g} s a phase; Valkey is killed at",
+            "the start of the second phase and restarted empty at the third; Postgres is stopped",
+            "and started at the fourth.",
+        ]
+    )
     lines = [
-        "# Chaos run",
+        "# Chaos run" + (" on a Valkey Cluster" if cluster else ""),
         "",
-        f"`python -m bench.chaos`: {mitras} mitras, {seconds:g} s a phase; Valkey is killed at",
-        "the start of the second phase and restarted empty at the third; Postgres is stopped",
-        "and started at the fourth. Requests by phase and RPC: `OK` and the error codes seen.",
+        *valkey,
+        "Requests by phase and RPC: `OK` and the error codes seen.",
         "Heartbeats go to random mitras, deactivated ones included: their PERMISSION_DENIED is",
         "the guard working.",
         "",
@@ -395,8 +449,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds-per-phase", type=float, default=12.0)
     parser.add_argument("--mitras", type=int, default=300)
+    parser.add_argument("--cluster", action="store_true", help="on a local Valkey Cluster")
     args = parser.parse_args()
-    _, problems = asyncio.run(run(args.seconds_per_phase, args.mitras, HERE / "CHAOS.md"))
+    report = HERE / ("CHAOS-cluster.md" if args.cluster else "CHAOS.md")
+    _, problems = asyncio.run(
+        run(args.seconds_per_phase, args.mitras, report, cluster=args.cluster)
+    )
     sys.exit(1 if problems else 0)
 
 

@@ -1,5 +1,6 @@
-"""The short version of `python -m bench.chaos`: mixed load while Valkey is killed and
-restarted and Postgres restarts; nothing acknowledged is lost and everything heals."""
+"""The short version of `python -m bench.chaos`: mixed load while Valkey (a single node, or
+the master of the mirror's slot in a Valkey Cluster) is killed and restarted and Postgres
+restarts; nothing acknowledged is lost and everything heals."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from bench import chaos
 
 
 @pytest.mark.slow
-async def test_nothing_acknowledged_is_lost_under_store_faults() -> None:
-    tally, problems = await chaos.run(seconds_per_phase=2.0, mitras=60, report=None)
+@pytest.mark.parametrize("cluster", [False, True], ids=["single", "cluster"])
+async def test_nothing_acknowledged_is_lost_under_store_faults(cluster: bool) -> None:
+    tally, problems = await chaos.run(
+        seconds_per_phase=2.0, mitras=60, report=None, cluster=cluster
+    )
 
     assert problems == []
     codes = {code for (_, _, code) in tally.counts}
