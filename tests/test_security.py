@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -194,3 +195,52 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_ca(
     assert signed == grpc.StatusCode.OK
     assert anonymous == grpc.StatusCode.UNAVAILABLE
     assert stranger == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_status_reaches_a_server_behind_mutual_tls_and_tokens(
+    settings: Settings,
+    db: asyncpg.Connection,
+    fleet: Fleet,
+    ca: trustme.CA,
+    tls_files: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    await fleet.mitra(online=True)
+    locked = replace(
+        settings,
+        auth_tokens=TOKENS,
+        tls_cert_file=str(tls_files["cert"]),
+        tls_key_file=str(tls_files["key"]),
+        tls_client_ca_file=str(tls_files["ca"]),
+    )
+    leaf = ca.issue_cert("on-call")
+    (tmp_path / "client.pem").write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    (tmp_path / "client.key").write_bytes(leaf.private_key_pem.bytes())
+    async with running(locked) as server:
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "DATABASE_URL": settings.database_url,
+            "VALKEY_URL": settings.valkey_url,
+            "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
+            "GRPC_ADDRESS": f"127.0.0.1:{server.port}",
+        }
+        tls = ["--ca-file", str(tls_files["ca"])]
+        mutual = [*tls, "--cert-file", str(tmp_path / "client.pem")]
+        mutual += ["--key-file", str(tmp_path / "client.key")]
+
+        async def status(*args: str, tokens: str = ",".join(TOKENS)) -> dict[str, Any]:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "availability", "status", "--json", *args,
+                env={**env, "AUTH_TOKENS": tokens}, cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, _ = await process.communicate()
+            report: dict[str, Any] = json.loads(out)
+            return report
+
+        allowed, anonymous = await status(*mutual), await status(*tls)
+        tokenless = await status(*mutual, tokens="")
+
+    assert allowed["ok"] is True, allowed["problems"]
+    assert allowed["server"]["health"] == "SERVING" and allowed["server"]["online"] == 1
+    assert "UNAUTHENTICATED" in tokenless["server"]["error"]
+    assert "error" in anonymous["server"], "no client certificate, no answer"
