@@ -1,9 +1,10 @@
-"""Arranging the truth directly in SQL, as the other backends do."""
+"""Arranging the truth directly in SQL, as the other backends do; waiting and scraping."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -12,6 +13,7 @@ from uuid import UUID
 import asyncpg
 import grpc
 import redis.asyncio as redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from availability.mirror import Keys
 
@@ -133,3 +135,21 @@ async def code_of(call: object) -> grpc.StatusCode:
     except grpc.aio.AioRpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape_metrics(port: int) -> Samples:
+    """Every sample a metrics endpoint serves, by name and labels."""
+
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text: str = response.read().decode()
+            return text
+
+    samples = {}
+    for family in text_string_to_metric_families(await asyncio.to_thread(get)):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples

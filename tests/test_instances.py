@@ -10,21 +10,19 @@ import os
 import signal
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 import redis.asyncio as redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from availability.client import AvailabilityClient
 from availability.local_stores import free_port
 from availability.mirror import Keys
 from availability.settings import Settings
 
-from .helpers import Fleet, eventually
+from .helpers import Fleet, Samples, eventually, scrape_metrics
 
 pytestmark = [pytest.mark.single_and_cluster, pytest.mark.slow]
 
@@ -35,18 +33,8 @@ class Instance:
     def __init__(self, process: asyncio.subprocess.Process, port: int, metrics: int) -> None:
         self.process, self.address, self.metrics = process, f"127.0.0.1:{port}", metrics
 
-    async def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        def get() -> str:
-            url = f"http://127.0.0.1:{self.metrics}/metrics"
-            with urllib.request.urlopen(url, timeout=10) as response:
-                text: str = response.read().decode()
-                return text
-
-        found = {}
-        for family in text_string_to_metric_families(await asyncio.to_thread(get)):
-            for sample in family.samples:
-                found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-        return found
+    async def samples(self) -> Samples:
+        return await scrape_metrics(self.metrics)
 
     async def sweep_runs(self, sweep: str) -> float:
         samples = await self.samples()

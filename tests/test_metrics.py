@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import urllib.request
 import uuid
 from dataclasses import replace
 
 import asyncpg
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from availability.local_stores import LocalValkey
 from availability.server import Server, running
@@ -18,27 +15,15 @@ from availability.sweeps import AUTO_OFFLINE
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, code_of, eventually
+from .helpers import Fleet, Samples, code_of, eventually, scrape_metrics
 
 Stub = pb_grpc.AvailabilityServiceStub
 SERVICE = "availability.v1.AvailabilityService"
 
 
-async def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample, by name and labels."""
+async def scrape(server: Server) -> Samples:
     assert server.metrics is not None and server.metrics.port
-    url = f"http://127.0.0.1:{server.metrics.port}/metrics"
-
-    def get() -> str:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text: str = response.read().decode()
-            return text
-
-    samples = {}
-    for family in text_string_to_metric_families(await asyncio.to_thread(get)):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+    return await scrape_metrics(server.metrics.port)
 
 
 def rpc(method: str, code: str) -> tuple[str, tuple[tuple[str, str], ...]]:
