@@ -309,6 +309,12 @@ def connect_valkey(
         "health_check_interval": 0,
         "redis_connect_func": connected,
     }
+    if settings.valkey_sentinels:
+        from .sentinel import sentinel_pool
+
+        return redis.Redis(
+            connection_pool=sentinel_pool(settings, url, on_moved=on_moved, **options)
+        )
     if settings.valkey_cluster:
         pool = SlotPool.from_url(
             url, slot=slot_of(settings.valkey_key_prefix), on_moved=on_moved, **options

@@ -12,6 +12,9 @@ from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
+MIRROR_LAYOUT = 2
+"""The version of the mirror's layout in Valkey that this code speaks (see mirror.py)."""
+
 
 class SettingsError(ValueError):
     """A setting has a value the service cannot run with; the message names it."""
@@ -27,6 +30,9 @@ class Settings:
     heartbeat_mirror_interval_seconds: float = 60.0
     valkey_online_mirror_sweep_seconds: float = 300.0
     valkey_cluster: bool = False
+    valkey_sentinels: tuple[str, ...] = ()
+    valkey_sentinel_master: str = ""
+    valkey_sentinel_password: str = field(default="", repr=False)
     valkey_key_prefix: str = "availability"
     default_max_concurrent_sessions: int = 3
     beacon_ttl_seconds: float = 10.0
@@ -55,6 +61,8 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "auto"
     log_slow_rpc_seconds: float = 0.5
+    startup_timeout_seconds: float = 300.0
+    mirror_layout: int = MIRROR_LAYOUT
 
     @property
     def truth_freshness_seconds(self) -> float:
@@ -106,6 +114,7 @@ class Settings:
             "valkey_timeout_seconds",
             "valkey_breaker_seconds",
             "log_slow_rpc_seconds",
+            "startup_timeout_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
@@ -124,6 +133,7 @@ class Settings:
             "watch_max_streams",
             "grpc_max_message_bytes",
             "grpc_max_concurrent_rpcs",
+            "mirror_layout",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be >= 1, got {getattr(self, name)}")
@@ -131,6 +141,13 @@ class Settings:
             raise SettingsError("DATABASE_URL must be a postgresql:// URL")
         if not self.valkey_url.startswith(("redis://", "valkey://", "rediss://", "valkeys://")):
             raise SettingsError("VALKEY_URL must be a redis:// or valkey:// URL")
+        if bool(self.valkey_sentinels) != bool(self.valkey_sentinel_master):
+            missing = "VALKEY_SENTINEL_MASTER" if self.valkey_sentinels else "VALKEY_SENTINELS"
+            raise SettingsError(f"{missing} is required with the other Sentinel setting")
+        if self.valkey_sentinels and self.valkey_cluster:
+            raise SettingsError("VALKEY_SENTINELS and VALKEY_CLUSTER cannot be used together")
+        for sentinel in self.valkey_sentinels:
+            _split_address(sentinel, "VALKEY_SENTINELS")
         if self.valkey_cluster and urlsplit(self.valkey_url).path not in ("", "/", "/0"):
             raise SettingsError("VALKEY_URL must name database 0 (or none) with VALKEY_CLUSTER")
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.valkey_key_prefix):
@@ -222,6 +239,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "valkey_timeout_seconds": _float,
     "valkey_breaker_seconds": _float,
     "log_slow_rpc_seconds": _float,
+    "startup_timeout_seconds": _float,
+    "mirror_layout": _int,
+    "valkey_sentinels": _tokens,
     "log_format": str.lower,
     "valkey_breaker_failures": _int,
     "valkey_cluster": _bool,
