@@ -111,14 +111,19 @@ class Availability:
         """Best effort after the truth committed: a failure is logged and counted, never raised.
         The mitras are remembered and resynced as soon as Valkey answers again
         (`repair_unmirrored`); the reconcile sweep heals anything else."""
+        if not await self._mirror_best_effort(path, self.mirror.apply(states)):
+            self.unmirrored.update(s.mitra_id for s in states)
+
+    async def _mirror_best_effort(self, path: str, write: Awaitable[object]) -> bool:
         try:
-            await self.mirror.apply(states)
+            await write
         except MIRROR_ERRORS as exc:
             Counters.bump(self.counters.mirror_write_errors, path)
-            self.unmirrored.update(s.mitra_id for s in states)
             self._warnings.warning(
                 f"{path} write", "%s: mirror write failed (%s: %s)", path, _named(exc), exc
             )
+            return False
+        return True
 
     async def repair_unmirrored(self) -> int:
         """Resync the mitras whose mirror write failed; returns how many were repaired."""
@@ -183,6 +188,9 @@ class Availability:
             online = await self.truth.record_heartbeat(mitra_id)
             if outcome is HeartbeatOutcome.UNKNOWN:
                 await self.resync([mitra_id])
+            elif self.mirror.guest:
+                # The owner's mirror must see this heartbeat, or its sweep finds the mitra stale.
+                await self._mirror_best_effort("heartbeat", self.mirror.request_resync([mitra_id]))
             return online
         return outcome is HeartbeatOutcome.RECORDED
 
@@ -257,8 +265,10 @@ class Availability:
         Every mitra is rewritten through the same fenced script as any write, batch by
         batch, so readers never see an emptied or half-built set and a write that lands
         meanwhile is not undone. Members the truth does not have are dropped last. Only a
-        complete pass marks the mirror seeded (readers of an unseeded mirror use Postgres).
+        complete pass marks the mirror seeded (readers of an unseeded mirror use Postgres), and
+        only if the data set is still the one it started on (mirror.py: trust).
         """
+        identity = await self.mirror.begin_seed()
         drift = Drift()
         known: set[str] = set()
         serving = deactivated = ready = 0
@@ -283,7 +293,7 @@ class Availability:
         if extra:
             forgotten = await self.mirror.forget(extra, snapshot or datetime.now(UTC))
             drift += Drift(forgotten=forgotten)
-        await self.mirror.mark_seeded()
+        await self.mirror.finish_seed(identity)
         return count, drift
 
 

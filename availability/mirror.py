@@ -11,7 +11,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .cluster import SlotPool, slot_of
 from .model import (
+    SWEEPS,
     AvailabilityChange,
     AvailabilityCount,
     AvailabilitySnapshot,
@@ -63,7 +64,18 @@ class MirrorDown(Exception):
     """The breaker is open: Valkey failed repeatedly, so calls fail at once for a while."""
 
 
-MIRROR_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, MirrorMiss, MirrorDown)
+class MirrorUntrusted(Exception):
+    """A seed cannot make the mirror trusted: another version's layout owns it, or the data
+    set changed under the seed (a flush, a restart, an eviction) and it must run again."""
+
+
+MIRROR_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError,
+    OSError,
+    MirrorMiss,
+    MirrorDown,
+    MirrorUntrusted,
+)
 """What makes a reader fall back to Postgres."""
 
 
@@ -148,6 +160,9 @@ class Keys:
     instances: str
     reports: str
     sweeps: str
+    seeding: str
+    layouts: str
+    resync: str
     prefix: str
 
     @classmethod
@@ -176,6 +191,9 @@ class Keys:
             instances=f"{tag}:instances",
             reports=f"{tag}:instances:reports",
             sweeps=f"{tag}:sweeps",
+            seeding=f"{tag}:seeding",
+            layouts=f"{tag}:layouts",
+            resync=f"{tag}:resync",
             prefix=tag,
         )
 
@@ -204,7 +222,41 @@ class Keys:
             self.revision,
             self.events,
             self.checked,
+            self.seeding,
+            self.layouts,
+            self.resync,
         ]
+
+
+class Trust(enum.Enum):
+    """What an instance may make of the mirror (trust.lua decides)."""
+
+    TRUSTED = "trusted"
+    """A complete seed wrote it into this very data set: read it."""
+    UNSEEDED = "unseeded"
+    """No marker (a fresh or flushed Valkey, or one distrusted a moment ago): reseed."""
+    DISTRUSTED = "distrusted"
+    """The marker named another data set or layout; this check dropped it: reseed."""
+    GUEST = "guest"
+    """A newer layout is live and owns the mirror: use Postgres and leave the mirror alone."""
+    VOID = "void"
+    """A seed's end found the data set changed since its start: seed again."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrustCheck:
+    verdict: Trust
+    marker: str
+    """The marker the check found ('' for none): 'v<layout> <run_id> <replid> <evicted> <ms>'."""
+    identity: str
+    """The data set now: '<run_id> <master_replid> <evicted_keys>'."""
+    highest_layout: int
+    maxmemory_policy: str
+    role: str
+
+
+LAYOUT_LIVE_SECONDS = 10.0
+"""A layout counts as live this long after an instance of it last checked the mirror."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +266,7 @@ class Deployment:
     since it was seen, JSON)."""
 
     seeded: bool
+    trust: TrustCheck
     online: int
     sweeps: dict[str, str]
     leases: dict[str, tuple[str, int, float]]
@@ -228,12 +281,19 @@ class HeartbeatOutcome(enum.Enum):
     UNSEEDED = -3
 
 
-def _script(name: str, *, prelude: bool = True) -> str:
+def _script(name: str, *, layout: int = 0) -> str:
+    """A script's source; with a layout, behind the shared prelude, which then reads only
+    the marker of that layout as seeded."""
     folder = resources.files("availability") / "lua"
     body = (folder / f"{name}.lua").read_text(encoding="utf-8")
-    if not prelude:
+    if not layout:
         return body
-    return (folder / "prelude.lua").read_text(encoding="utf-8") + "\n" + body
+    prelude = (folder / "prelude.lua").read_text(encoding="utf-8")
+    return prelude.replace("@MARK@", _mark(layout)) + "\n" + body
+
+
+def _mark(layout: int) -> str:
+    return f"v{layout} "
 
 
 def _us(when: datetime) -> str:
@@ -280,24 +340,24 @@ def _change(entry_id: bytes, payload: bytes) -> AvailabilityChange:
 
 def connect_valkey(
     settings: Settings,
-    on_connect: Callable[[], None] | None = None,
+    on_connect: Callable[[Connection], Awaitable[None]] | None = None,
     *,
     blocking_seconds: float = 0.0,
     on_moved: Callable[[], None] | None = None,
 ) -> redis.Redis:
     """A client that fails fast: no retries or backoff, since every caller has a fallback.
 
-    on_connect runs after every new connection, so a restarted Valkey is noticed the moment
-    the client reaches it again. blocking_seconds extends the read timeout for a client
-    whose commands block on purpose (XREAD BLOCK). With VALKEY_CLUSTER, the client talks to
-    the master of the deployment's one slot (cluster.py), and on_moved runs when that
-    master changed.
+    on_connect runs on every new connection before its first command, so a restarted or
+    replaced Valkey is checked the moment the client reaches it again. blocking_seconds
+    extends the read timeout for a client whose commands block on purpose (XREAD BLOCK).
+    With VALKEY_CLUSTER, the client talks to the master of the deployment's one slot
+    (cluster.py), and on_moved runs when that master changed.
     """
 
     async def connected(connection: Connection) -> None:
         await connection.on_connect()
         if on_connect is not None:
-            on_connect()
+            await on_connect(connection)
 
     url = settings.valkey_url.replace("valkey://", "redis://", 1).replace(
         "valkeys://", "rediss://", 1
@@ -338,27 +398,41 @@ class Mirror:
         self._credit_ms = int(settings.heartbeat_mirror_interval_seconds * 1000)
         self._beacon_ttl_ms = int(settings.beacon_shared_seconds * 1000)
         self._retain = settings.watch_retained_changes
+        self.layout = settings.mirror_layout
+        self._mark = _mark(self.layout)
+        self._trust_keys = [*self._all_keys, *(k for name in SWEEPS for k in self.keys.lease(name))]
+        self.trust: TrustCheck | None = None
+        """The last check's answer (on a new connection, or the once-a-second check)."""
+        self.distrusted = 0
+        """How many times this instance found the data set replaced and dropped the marker."""
+        self.deferred = 0
+        """Mitras whose mirror write this instance left to another layout's owner."""
         self._beats: list[tuple[str, asyncio.Future[int]]] = []
         self._beating = False
         self._sender: asyncio.Task[None] | None = None
         self._beat_connection: Connection | None = None
         self.heartbeat_calls = 0
         """Script calls that carried heartbeats (fewer than heartbeats under load)."""
-        self._heartbeat = client.register_script(_script("heartbeat"))
-        self._apply = client.register_script(_script("apply"))
-        self._status = client.register_script(_script("status"))
-        self._find = client.register_script(_script("find"))
-        self._count = client.register_script(_script("count"))
-        self._dashboard = client.register_script(_script("dashboard"))
-        self._stale = client.register_script(_script("stale"))
-        self._take_dirty = client.register_script(_script("take_dirty"))
-        self._release_dirty = client.register_script(_script("release_dirty"))
-        self._forget = client.register_script(_script("forget"))
-        self._lease = client.register_script(_script("lease", prelude=False))
-        self._release = client.register_script(_script("release", prelude=False))
-        self._watch_expire = client.register_script(_script("watch_expire"))
-        self._watch_snapshot = client.register_script(_script("watch_snapshot"))
-        self._announce = client.register_script(_script("announce", prelude=False))
+
+        def script(name: str, *, prelude: bool = True) -> Any:
+            return client.register_script(_script(name, layout=self.layout if prelude else 0))
+
+        self._heartbeat = script("heartbeat")
+        self._apply = script("apply")
+        self._status = script("status")
+        self._find = script("find")
+        self._count = script("count")
+        self._dashboard = script("dashboard")
+        self._stale = script("stale")
+        self._take_dirty = script("take_dirty")
+        self._release_dirty = script("release_dirty")
+        self._forget = script("forget")
+        self._trust = script("trust")
+        self._lease = script("lease", prelude=False)
+        self._release = script("release", prelude=False)
+        self._watch_expire = script("watch_expire")
+        self._watch_snapshot = script("watch_snapshot")
+        self._announce = script("announce", prelude=False)
         self._beat_head = [
             _bulk(part)
             for part in (
@@ -387,11 +461,98 @@ class Mirror:
         await self.client.aclose()
         await self._reader.aclose()
 
-    async def is_seeded(self) -> bool:
-        return bool(await self.client.exists(self.keys.seeded))
+    @property
+    def guest(self) -> bool:
+        """Another version's newer layout owns the mirror: this instance must not use it."""
+        return self.trust is not None and self.trust.verdict is Trust.GUEST
 
-    async def mark_seeded(self) -> None:
-        await self.client.set(self.keys.seeded, "1")
+    async def check_trust(
+        self, action: str = "check", seed: str = "", connection: Connection | None = None
+    ) -> TrustCheck:
+        """Run trust.lua (see there), on `connection` when given: a new connection is checked
+        before its first command."""
+        args = [action, self.layout, int(LAYOUT_LIVE_SECONDS * 1000), seed]
+        if connection is None:
+            reply = await self._trust(keys=self._trust_keys, args=args)
+        else:
+            head = [len(self._trust_keys), *self._trust_keys, *args]
+            try:
+                await connection.send_command("EVALSHA", self._trust.sha, *head)
+                reply = await connection.read_response()
+            except NoScriptError:
+                await connection.send_command("EVAL", self._trust.script, *head)
+                reply = await connection.read_response()
+        verdict, marker, identity, highest, policy, role = reply
+        check = TrustCheck(
+            Trust(verdict.decode()),
+            marker.decode(),
+            identity.decode(),
+            int(highest),
+            policy.decode(),
+            role.decode(),
+        )
+        if action != "peek":
+            self._observe(check)
+        return check
+
+    def _observe(self, check: TrustCheck) -> None:
+        """Log what changed since the last check (each is rare and worth a line)."""
+        last, self.trust = self.trust, check
+        if check.verdict is Trust.DISTRUSTED:
+            self.distrusted += 1
+            log.warning(
+                "mirror distrusted: Valkey holds a data set the seed did not write (marker %r, "
+                "data set now %r): every instance reads Postgres until a reseed",
+                check.marker,
+                check.identity,
+            )
+        if check.verdict is Trust.GUEST and (last is None or last.verdict is not Trust.GUEST):
+            log.warning(
+                "mirror layout v%d is live and owns the mirror; this instance (v%d) answers "
+                "from Postgres and leaves the mirror to it",
+                check.highest_layout,
+                self.layout,
+            )
+        elif last is not None and last.verdict is Trust.GUEST and check.verdict is not Trust.GUEST:
+            log.warning(
+                "mirror layout v%d is gone; this instance (v%d) takes the mirror over",
+                last.highest_layout,
+                self.layout,
+            )
+        if check.maxmemory_policy != "noeviction" and (
+            last is None or last.maxmemory_policy != check.maxmemory_policy
+        ):
+            log.error(
+                "Valkey's maxmemory-policy is %s, not noeviction: an evicted key would be a "
+                "silent wrong answer. Every eviction distrusts the mirror until a reseed; set "
+                "maxmemory-policy noeviction (README: Valkey in production)",
+                check.maxmemory_policy,
+            )
+
+    async def begin_seed(self) -> str:
+        """Before a seed writes anything: the identity of the data set it starts on."""
+        check = await self.check_trust("seed")
+        if check.verdict is Trust.GUEST:
+            raise MirrorUntrusted(f"mirror layout v{check.highest_layout} owns the mirror")
+        return check.identity
+
+    async def finish_seed(self, identity: str) -> None:
+        """After a complete seed: the marker, if the data set is still the one it started on."""
+        check = await self.check_trust("mark", identity)
+        if check.verdict is not Trust.TRUSTED:
+            raise MirrorUntrusted(
+                f"the data set changed during the seed ({check.verdict.value}); seeding again"
+            )
+
+    async def request_resync(self, mitra_ids: Sequence[UUID]) -> None:
+        """Ask whichever instance owns the mirror to resync these from Postgres (the one
+        structure every layout shares, so a guest's writes reach the owner's mirror)."""
+        if mitra_ids:
+            await self.client.sadd(self.keys.resync, *map(str, mitra_ids))
+
+    async def take_resync_requests(self, count: int = 10_000) -> list[UUID]:
+        ids: list[bytes] = await self.client.spop(self.keys.resync, count)  # type: ignore[assignment]
+        return [UUID(i.decode()) for i in ids or ()]
 
     async def heartbeat(self, mitra_id: UUID) -> HeartbeatOutcome:
         """Group commit: while one script call is in flight, the heartbeats that arrive wait
@@ -473,6 +634,10 @@ class Mirror:
         """Mirror states read from the truth (write-through, resync and reconcile all use this);
         returns what changed."""
         changed = Drift()
+        if self.guest:
+            await self.request_resync([s.mitra_id for s in states])
+            self.deferred += len(states)
+            return changed
         for batch in _distinct_batches(states, _APPLY_BATCH):
             args: list[object] = [self._stale_ms, self._retain, self._credit_ms]
             args += [
@@ -491,7 +656,11 @@ class Mirror:
                 )
                 for s in batch
             ]
-            changed += Drift(*await self._run(self._apply, *args))
+            counts = await self._run(self._apply, *args)
+            if counts[0] < 0:  # another layout's marker: apply.lua asked its owner to resync
+                self.deferred += len(batch)
+                continue
+            changed += Drift(*counts)
         return changed
 
     async def status(self, mitra_id: UUID) -> MitraStatus:
@@ -615,10 +784,12 @@ class Mirror:
         """Publish the mitras that went stale since any instance last asked; returns how many."""
         return int(await self._run(self._watch_expire, self._stale_ms, self._retain, _EXPIRE_BATCH))
 
-    async def watch_snapshot(self) -> tuple[AvailabilitySnapshot, list[AvailabilityChange]]:
-        """Every published mitra at the current revision, and the retained changes up to it
-        (oldest first): where a watch hub starts."""
-        revision, published, retained = await self._run(self._watch_snapshot, self._retain)
+    async def watch_snapshot(
+        self,
+    ) -> tuple[AvailabilitySnapshot, list[AvailabilityChange], str]:
+        """Every published mitra at the current revision, the retained changes up to it
+        (oldest first) and the marker of the seed they belong to: where a watch hub starts."""
+        revision, published, retained, marker = await self._run(self._watch_snapshot, self._retain)
         mitras = []
         for i in range(0, len(published), 2):
             load, capacity, name = published[i + 1].split(b"\x1f", 2)
@@ -627,7 +798,8 @@ class Mirror:
             )
         mitras.sort(key=lambda m: (m.load, str(m.mitra_id)))
         changes = [_change(entry_id, fields[1]) for entry_id, fields in reversed(retained)]
-        return AvailabilitySnapshot(int(revision), tuple(mitras)), changes
+        snapshot = AvailabilitySnapshot(int(revision), tuple(mitras))
+        return snapshot, changes, self._ours(marker)
 
     async def read_changes(
         self, after: int, block_seconds: float = WATCH_BLOCK_SECONDS, count: int = 1000
@@ -640,13 +812,18 @@ class Mirror:
             return []
         return [_change(entry_id, fields[b"e"]) for entry_id, fields in reply[0][1]]
 
-    async def watch_position(self) -> tuple[bool, int]:
-        """(seeded, current revision or 0): how a hub notices a flushed or replaced Valkey."""
+    async def watch_position(self) -> tuple[str, int]:
+        """(this layout's marker or '', current revision or 0): how a hub notices a flushed,
+        replaced or reseeded mirror (a reseed writes a new marker)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.exists(self.keys.seeded)
+        pipe.get(self.keys.seeded)
         pipe.get(self.keys.revision)
-        seeded, revision = await pipe.execute()
-        return bool(seeded), int(revision or 0)
+        marker, revision = await pipe.execute()
+        return self._ours(marker), int(revision or 0)
+
+    def _ours(self, marker: bytes | None) -> str:
+        text = (marker or b"").decode()
+        return text if text.startswith(self._mark) else ""
 
     async def busiest(self, limit: int) -> tuple[int, list[MitraLoad]]:
         """(online count, the `limit` busiest online mitras), one round trip."""
@@ -675,9 +852,9 @@ class Mirror:
 
     async def deployment(self, sweeps: Sequence[str]) -> Deployment:
         """What the deployment shares in Valkey, in one round trip."""
+        trust = await self.check_trust("peek")
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
-        pipe.exists(self.keys.seeded)
         pipe.scard(self.keys.online)
         pipe.hgetall(self.keys.sweeps)
         pipe.zrange(self.keys.instances, 0, -1, withscores=True)
@@ -686,7 +863,7 @@ class Mirror:
             lease = self.keys.lease(name)[0]
             pipe.get(lease)
             pipe.pttl(lease)
-        now, seeded, online, records, seen, reports, *leases = await pipe.execute()
+        now, online, records, seen, reports, *leases = await pipe.execute()
         now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         held: dict[str, tuple[str, int, float]] = {}
         for name, value, ttl in zip(sweeps, leases[::2], leases[1::2], strict=True):
@@ -694,7 +871,8 @@ class Mirror:
                 owner, _, epoch = value.decode().rpartition("/")
                 held[name] = (owner, int(epoch), max(int(ttl), 0) / 1000)
         return Deployment(
-            seeded=bool(seeded),
+            seeded=trust.verdict is Trust.TRUSTED,
+            trust=trust,
             online=int(online),
             sweeps={k.decode(): v.decode() for k, v in records.items()},
             leases=held,

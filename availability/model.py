@@ -18,6 +18,13 @@ class Source(enum.Enum):
     DATABASE = "database"
 
 
+AUTO_OFFLINE = "auto_offline"
+HEARTBEAT_FLUSH = "heartbeat_flush"
+RECONCILE = "reconcile"
+SWEEPS = (AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE)
+"""The sweeps, by the names their leases and records carry in Valkey."""
+
+
 @dataclass(frozen=True, slots=True)
 class MitraState:
     """Everything the mirror holds about one mitra, as read from the truth."""

@@ -20,6 +20,7 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.asyncio.connection import Connection
 
 from .domain import Availability
 from .interceptors import Authentication, ErrorMapping, Observed
@@ -170,6 +171,9 @@ class Server:
             "started_at": self._started_at.isoformat(),
             "serving": self._serving,
             "valkey_breaker_open": availability.mirror.breaker.is_open,
+            "layout": availability.mirror.layout,
+            "mirror": trust.verdict.value if (trust := availability.mirror.trust) else "unchecked",
+            "distrusted": availability.mirror.distrusted,
             "fallbacks": sum(counters.fallbacks.values()),
             "valkey_write_errors": sum(counters.mirror_write_errors.values()),
             "unmirrored": len(availability.unmirrored),
@@ -185,7 +189,11 @@ class Server:
                 await mirror.announce(instance, json.dumps(self.report()), _FORGET_SECONDS)
             await asyncio.sleep(ANNOUNCE_SECONDS)
 
-    def _valkey_connected(self) -> None:
+    async def _valkey_connected(self, connection: Connection) -> None:
+        """Every new Valkey connection checks the data set before its first command, so no
+        call is answered from a replaced one (mirror.py: trust)."""
+        if self.availability is not None:
+            await self.availability.mirror.check_trust(connection=connection)
         if self.sweeps is not None:
             self.sweeps.valkey_connected()
 

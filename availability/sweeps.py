@@ -1,5 +1,6 @@
 """The server-owned background work of DESIGN.md: auto-offline, heartbeat flush, reconcile,
-and keeping the mirror seeded across Valkey restarts.
+and keeping the mirror trusted: checked every second, reseeded whenever its data set was
+replaced (a restart, a restore, a failover, a flush, an eviction).
 
 Each sweep runs on one instance per tick: whoever holds its lease in Valkey. The lease's
 epoch is a fencing token; writes a late former leader could still make are either refused
@@ -23,15 +24,12 @@ from typing import Any
 
 from .domain import STORE_ERRORS, Availability
 from .errors import TruthUnavailable
-from .mirror import MIRROR_ERRORS
-from .model import Drift
+from .mirror import MIRROR_ERRORS, Trust
+from .model import AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE, SWEEPS, Drift
+
+__all__ = ["AUTO_OFFLINE", "HEARTBEAT_FLUSH", "RECONCILE", "SWEEPS", "Sweeps"]
 
 log = logging.getLogger(__name__)
-
-AUTO_OFFLINE = "auto_offline"
-HEARTBEAT_FLUSH = "heartbeat_flush"
-RECONCILE = "reconcile"
-SWEEPS = (AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE)
 
 
 @dataclass
@@ -68,9 +66,11 @@ class Sweeps:
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
         self._reconcile_due = False
+        self._reseeding: asyncio.Task[None] | None = None
 
     def valkey_connected(self) -> None:
-        """Called from the Valkey connection on every (re)connect: check the seed now."""
+        """Called from the Valkey connection on every (re)connect (which checked the data set
+        already): act on its verdict now rather than at the next second."""
         self._connected.set()
 
     def valkey_moved(self) -> None:
@@ -90,9 +90,11 @@ class Sweeps:
             self._tasks.append(
                 asyncio.create_task(self._every(name, interval, sweep), name=f"sweep-{name}")
             )
-        self._tasks.append(asyncio.create_task(self._keep_seeded(), name="keep-seeded"))
+        self._tasks.append(asyncio.create_task(self._keep_trusted(), name="keep-trusted"))
 
     async def stop(self) -> None:
+        if self._reseeding is not None:
+            self._tasks.append(self._reseeding)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -118,6 +120,9 @@ class Sweeps:
         if the holder dies, another takes over within 1.5 intervals."""
         stats = self.report.of(name)
         mirror = self._availability.mirror
+        if mirror.guest:  # another version owns the mirror, and its sweeps run
+            stats.skipped += 1
+            return False
         ttl = interval * 1.5
         try:
             epoch = await mirror.take_lease(name, self.owner, ttl)
@@ -206,9 +211,14 @@ class Sweeps:
                 len(ids),
             )
         offline = await availability.truth.take_offline(ids, AUTO_OFFLINE, epoch)
+        # Those Postgres kept online (a heartbeat it recorded itself) or had offline already:
+        # the resync brings their mirror up to it, so the next sweep does not pick them again.
+        kept = set(ids).difference(offline)
+        await availability.resync([*offline, *kept])
         if offline:
-            await availability.resync(offline)
             log.info("auto-offline: %d stale mitras taken offline", len(offline))
+        if kept:
+            self._details.setdefault(AUTO_OFFLINE, {})["kept_by_postgres"] = len(kept)
         return len(offline)
 
     async def flush_heartbeats(self, epoch: int) -> int:
@@ -231,35 +241,57 @@ class Sweeps:
             log.warning("reconcile healed drift over %d mitras: %s", mitras, drift)
         return drift.total
 
-    async def _keep_seeded(self) -> None:
-        """Reseed whenever the mirror lost its seed (a restarted or replaced Valkey), checked
-        on every reconnect and once a second; one instance seeds, under the reconcile lease.
-        While seeded, resync the mitras whose mirror write failed during a hiccup."""
+    async def _keep_trusted(self) -> None:
+        """Check the mirror every second and on every reconnect (trust.lua: a replaced data
+        set is distrusted at once, by whichever instance sees it first), reseed it when it is
+        not trusted, one instance at a time under the reconcile lease. While trusted: the
+        reconcile a Cluster or Sentinel failover made due, the resyncs other versions asked
+        for, and the mitras whose mirror write failed during a hiccup."""
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):  # not wait_for: see listener.py
                     await self._connected.wait()
             self._connected.clear()
+            if self._reseeding is not None and not self._reseeding.done():
+                continue  # it checks the data set at its start and end
             try:
-                if await self._availability.mirror.is_seeded():
+                verdict = (await self._availability.mirror.check_trust()).verdict
+                if verdict is Trust.GUEST:
+                    continue
+                if verdict is Trust.TRUSTED:
                     if self._reconcile_due:
-                        # Due until it ran here or another instance holds the lease (it was
-                        # told of the move too); an aborted run is tried again.
-                        skipped = self.report.of(RECONCILE).skipped
-                        ran = await self.run_once(
-                            RECONCILE,
-                            self._settings.valkey_online_mirror_sweep_seconds,
-                            self.reconcile,
-                        )
-                        self._reconcile_due = not ran and (
-                            self.report.of(RECONCILE).skipped == skipped
-                        )
+                        self._reseeding = asyncio.create_task(self._due_reconcile())
+                        continue
+                    await self._resync_requested()
                     await self._availability.repair_unmirrored()
                     continue
             except STORE_ERRORS:
                 continue
-            if await self.run_once(
-                RECONCILE, self._settings.valkey_online_mirror_sweep_seconds, self.reconcile
-            ):
-                self.report.reseeds += 1
-                log.info("mirror reseeded after Valkey lost it")
+            self._reseeding = asyncio.create_task(self._reseed())
+
+    async def _reseed(self) -> None:
+        if await self.run_once(
+            RECONCILE, self._settings.valkey_online_mirror_sweep_seconds, self.reconcile
+        ):
+            self.report.reseeds += 1
+            log.info("mirror reseeded: trusted again")
+
+    async def _due_reconcile(self) -> None:
+        # Due until it ran here or another instance holds the lease (it was told of the move
+        # too); an aborted run is tried again.
+        skipped = self.report.of(RECONCILE).skipped
+        ran = await self.run_once(
+            RECONCILE, self._settings.valkey_online_mirror_sweep_seconds, self.reconcile
+        )
+        self._reconcile_due = not ran and self.report.of(RECONCILE).skipped == skipped
+
+    async def _resync_requested(self) -> None:
+        """Mitras another version wrote or heard a heartbeat of while it could not write the
+        mirror (a rolling upgrade): Postgres has them, so the mirror takes them from there."""
+        mirror = self._availability.mirror
+        while ids := await mirror.take_resync_requests():
+            try:
+                await self._availability.resync(ids)
+            except STORE_ERRORS:
+                await mirror.request_resync(ids)
+                raise

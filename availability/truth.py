@@ -178,6 +178,7 @@ UPDATE mitra_online_status s
 SET is_online = false, updated_at = now(), version = s.version + 1
 FROM fence
 WHERE fence.epoch = $3 AND s.mitra_id = ANY($1::uuid[]) AND s.is_online
+  AND (s.last_heartbeat_at IS NULL OR s.last_heartbeat_at < now() - make_interval(secs => $4))
 RETURNING s.mitra_id
 """
 
@@ -429,9 +430,18 @@ class Truth:
         return state, now, revoked
 
     async def take_offline(self, mitra_ids: Sequence[UUID], fence: str, epoch: int) -> list[UUID]:
-        """The auto-offline sweep's write, refused when a newer lease epoch has written."""
+        """The auto-offline sweep's write, refused when a newer lease epoch has written. A
+        mitra whose heartbeat Postgres itself recorded as fresh stays online: its app reached
+        an instance that could not write the mirror (an outage, a reseed, another version
+        during a rolling upgrade). Flushed times lag the mirror's, so they never save one."""
         async with self._connection() as conn:
-            rows = await conn.fetch(_TAKE_OFFLINE, list(mitra_ids), fence, epoch)
+            rows = await conn.fetch(
+                _TAKE_OFFLINE,
+                list(mitra_ids),
+                fence,
+                epoch,
+                self._settings.heartbeat_stale_seconds,
+            )
         return [r["mitra_id"] for r in rows]
 
     async def flush_heartbeats(self, heartbeats: Mapping[str, int]) -> int:

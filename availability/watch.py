@@ -76,6 +76,7 @@ class WatchHub:
         self._watchers: set[_Watcher] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self.revision = 0
+        self._marker = ""
         self.ready = False
         self.stats = WatchStats()
 
@@ -164,7 +165,7 @@ class WatchHub:
         return [c for c in self._retained if c.revision > revision]
 
     async def _sync(self) -> None:
-        snapshot, retained = await self._mirror.watch_snapshot()
+        snapshot, retained, self._marker = await self._mirror.watch_snapshot()
         self._view = {m.mitra_id: m for m in snapshot.mitras}
         self._snapshot = snapshot
         self._retained.clear()
@@ -213,9 +214,11 @@ class WatchHub:
                     raise _Resync(f"revision {self.revision} was followed by {change.revision}")
                 self._apply(change)
             if time.monotonic() - checked >= _POSITION_CHECK_SECONDS:
-                seeded, revision = await self._mirror.watch_position()
-                if not seeded:
+                marker, revision = await self._mirror.watch_position()
+                if not marker:
                     raise _Unseeded("the mirror is being reseeded")
+                if marker != self._marker:
+                    raise _Resync("the mirror was reseeded")
                 if revision < self.revision:
                     raise _Resync(f"the revision went back from {self.revision} to {revision}")
                 checked = time.monotonic()

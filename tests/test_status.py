@@ -115,7 +115,7 @@ async def test_a_tripped_mass_stale_guard_is_a_problem(
     async with running(guarded) as server:
         seeded = (await status_of(server))["sweeps"][RECONCILE]["last"]
         assert seeded["at_start_up"] and seeded["mitras"] == 30, "the seed counts as a run"
-        await make_stale(valkey, Keys.for_prefix(guarded.valkey_key_prefix), *mitras[:20])
+        await make_stale(valkey, db, Keys.for_prefix(guarded.valkey_key_prefix), *mitras[:20])
         await tick(server, AUTO_OFFLINE)
 
         report = await status_of(server)

@@ -42,9 +42,17 @@ async def tick(server: Server, name: str) -> bool:
     return await sweeps.run_once(name, 30.0, sweep)
 
 
-async def make_stale(valkey: redis.Redis, keys: Keys, *mitras: uuid.UUID) -> None:
-    """Age their heartbeats; again if the listener's resync of a just-made write (which
-    carries Postgres's newer heartbeat time) lands after and freshens them."""
+async def make_stale(
+    valkey: redis.Redis, db: asyncpg.Connection, keys: Keys, *mitras: uuid.UUID
+) -> None:
+    """Age their heartbeats in both stores, as an app that went quiet leaves them; again if
+    the listener's resync of a just-made write (which carries Postgres's newer heartbeat
+    time) lands after and freshens them."""
+    await db.execute(
+        "UPDATE mitra_online_status SET last_heartbeat_at = now() - interval '1 hour'"
+        " WHERE mitra_id = ANY($1::uuid[])",
+        list(mitras),
+    )
     await notified(valkey, keys, *mitras)
 
     async def stays_stale() -> bool:
@@ -68,7 +76,7 @@ async def test_auto_offline_takes_stale_mitras_offline_in_both_stores(
     fresh, stale = await fleet.mitra("Fresh"), await fleet.mitra("Stale")
     for mitra in (fresh, stale):
         await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
-    await make_stale(valkey, keys, stale)
+    await make_stale(valkey, db, keys, stale)
 
     assert await tick(server, AUTO_OFFLINE)
 
@@ -87,7 +95,7 @@ async def test_auto_offline_aborts_when_valkey_errors(
     mitras = [await fleet.mitra() for _ in range(3)]
     for mitra in mitras:
         await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
-    await make_stale(valkey, keys, *mitras)
+    await make_stale(valkey, db, keys, *mitras)
     await valkey.delete(keys.seeded)  # the mirror now answers every read with an error
 
     await tick(server, AUTO_OFFLINE)
@@ -121,7 +129,7 @@ async def test_mass_stale_guard_limits_and_counts(
     mitras = [await fleet.mitra(online=True) for _ in range(30)]
     async with running(guarded) as server:
         keys = Keys.for_prefix(guarded.valkey_key_prefix)
-        await make_stale(valkey, keys, *mitras[:20])  # 20 of 30: more than half
+        await make_stale(valkey, db, keys, *mitras[:20])  # 20 of 30: more than half
 
         await tick(server, AUTO_OFFLINE)
 
@@ -129,7 +137,7 @@ async def test_mass_stale_guard_limits_and_counts(
         assert sweeps_of(server).report.guard_trips == 1
         still_online = sorted(await online_in_truth(db))
         await valkey.zadd(keys.heartbeats, {str(m): time.time() * 1000 for m in still_online})
-        await make_stale(valkey, keys, *still_online[:5])  # 5 of 26: an ordinary sweep
+        await make_stale(valkey, db, keys, *still_online[:5])  # 5 of 26: an ordinary sweep
 
         await tick(server, AUTO_OFFLINE)
 
@@ -335,6 +343,7 @@ async def test_a_late_former_leader_is_fenced_out(
     assert availability is not None
     mitra = await fleet.mitra()
     await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    await db.execute("UPDATE mitra_online_status SET last_heartbeat_at = now() - interval '1 hour'")
 
     old = await availability.mirror.take_lease(AUTO_OFFLINE, "old", 60)
     new = old + 1
@@ -371,6 +380,7 @@ async def test_epochs_keep_growing_after_valkey_loses_its_data(
     assert availability is not None
     mitra = await fleet.mitra()
     await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    await db.execute("UPDATE mitra_online_status SET last_heartbeat_at = now() - interval '1 hour'")
     before = await availability.mirror.take_lease(AUTO_OFFLINE, "old", 60)
     await availability.truth.take_offline([], AUTO_OFFLINE, before)
     await valkey.delete(*availability.mirror.keys.lease(AUTO_OFFLINE))

@@ -32,6 +32,15 @@ local function fields(packed)
 end
 
 local ids = {}
+local marker = redis.call('GET', SEEDED)
+if marker and string.sub(marker, 1, #MARK) ~= MARK then
+  -- Another version's layout owns the mirror (a rolling upgrade): leave its structures alone
+  -- and ask its owner to resync these mitras from Postgres. Returns -1 in place of counts.
+  for i = 4, #ARGV do
+    redis.call('SADD', RESYNC, sub(ARGV[i], 1, find(ARGV[i], '\31', 1, true) - 1))
+  end
+  return {-1, 0, 0, 0, 0, 0}
+end
 for i = 4, #ARGV do
   ids[#ids + 1] = sub(ARGV[i], 1, find(ARGV[i], '\31', 1, true) - 1)
 end
@@ -54,7 +63,7 @@ local synced, names, capacities = read('HMGET', SYNCED), read('HMGET', NAMES), r
 local loads, versions, published = read('HMGET', LOADS), read('HMGET', VERSIONS), read('HMGET', PUBLISHED)
 local deactivated, online_now = read('SMISMEMBER', DEACTIVATED), read('SMISMEMBER', ONLINE)
 local heartbeats, ready = read('ZMSCORE', HEARTBEATS), read('ZMSCORE', READY)
-local seeded_mirror = redis.call('EXISTS', SEEDED) == 1
+local seeded_mirror = marker ~= false
 
 -- Writes, gathered by command and key: {command, key, arguments...}.
 local writes, by_command = {}, {}

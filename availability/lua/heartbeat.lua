@@ -3,7 +3,7 @@
 -- -2 unknown here, -3 mirror not seeded.
 local stale_ms, retain = tonumber(ARGV[1]), tonumber(ARGV[2])
 local outcomes = {}
-if redis.call('EXISTS', SEEDED) == 0 then
+if not seeded() then
   for i = 3, #ARGV do
     outcomes[#outcomes + 1] = -3
   end

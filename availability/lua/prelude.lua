@@ -4,11 +4,22 @@ local ONLINE, DEACTIVATED, CAPACITY, NAMES, LOADS, HEARTBEATS, READY, VERSIONS, 
 local SYNCED, SEEDED, BUSY, BEACON_COMPUTED = KEYS[11], KEYS[12], KEYS[13], KEYS[14]
 local FLUSHING = KEYS[15]
 local PUBLISHED, REVISION, EVENTS, CHECKED = KEYS[16], KEYS[17], KEYS[18], KEYS[19]
+local SEEDING, LAYOUTS, RESYNC = KEYS[20], KEYS[21], KEYS[22]
 
--- Until a complete seed has written SEEDED (a fresh or restarted Valkey), the mirror is
--- partial: readers must ask Postgres instead.
+-- SEEDED is the trust marker: 'v<layout> <run_id> <master_replid> <evicted_keys> <stamp>',
+-- written by a complete seed (trust.lua). MARK is this code's layout ('v2 '), filled in when
+-- the script is loaded. Only a marker of this layout makes the mirror readable: a fresh,
+-- flushed or distrusted Valkey has none, and another version's layout is not ours to read.
+local MARK = '@MARK@'
+
+local function seeded()
+  local held = redis.call('GET', SEEDED)
+  return held and string.sub(held, 1, #MARK) == MARK
+end
+
+-- Until then, readers must ask Postgres instead.
 local function require_seeded()
-  if redis.call('EXISTS', SEEDED) == 0 then
+  if not seeded() then
     return redis.error_reply('UNSEEDED the mirror is being seeded')
   end
 end
@@ -104,7 +115,7 @@ local function publish(id, now, stale_ms, retain)
   else
     redis.call('HDEL', PUBLISHED, id)
   end
-  if redis.call('EXISTS', SEEDED) == 1 then
+  if seeded() then
     append_change(now, retain, kind, why, id, payload)
   end
   return 1
