@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .mirror import Trust
+
 if TYPE_CHECKING:
     from .server import Server
 
@@ -103,6 +105,19 @@ class _Domain(Collector):
             "availability_valkey_breaker_short_circuits",
             "Valkey calls not attempted because the breaker was open.",
             breaker.short_circuits,
+        )
+        mirror = availability.mirror
+        yield _gauge(
+            "availability_mirror_trusted",
+            "1 while this instance reads the mirror (its last check found the data set a seed "
+            "wrote); 0 while it answers from Postgres.",
+            float(mirror.trust is not None and mirror.trust.verdict is Trust.TRUSTED),
+        )
+        yield _counter(
+            "availability_mirror_distrusted",
+            "Times this instance found Valkey's data set replaced (restart, restore, failover, "
+            "eviction) and distrusted the mirror.",
+            mirror.distrusted,
         )
         hub = availability.watch_hub
         yield _gauge("availability_watchers", "Open WatchAvailableMitras streams.", hub.watchers)

@@ -66,7 +66,15 @@ async def _valkey(settings: Settings) -> tuple[dict[str, Any], Any]:
         return section, None
     finally:
         await mirror.close()
-    section.update(seeded=deployment.seeded, online=deployment.online)
+    trust = deployment.trust
+    section.update(
+        seeded=deployment.seeded,
+        online=deployment.online,
+        mirror=trust.verdict.value,
+        layout=trust.highest_layout,
+        maxmemory_policy=trust.maxmemory_policy,
+        role=trust.role,
+    )
     return section, deployment
 
 
@@ -87,6 +95,30 @@ async def _postgres(settings: Settings) -> dict[str, Any]:
         return section
     section.update(standby=standby, online=online, mitras=mitras, schema=migration)
     return section
+
+
+def _mirror(
+    valkey: dict[str, Any], settings: Settings, problems: list[str], notes: list[str]
+) -> None:
+    if valkey["maxmemory_policy"] != "noeviction":
+        problems.append(
+            f"Valkey's maxmemory-policy is {valkey['maxmemory_policy']}: an eviction distrusts "
+            "the mirror; set noeviction (see Valkey in production)"
+        )
+    if valkey["role"] != "master":
+        problems.append(f"VALKEY_URL reaches a {valkey['role']}: see Runbook: Valkey lost")
+    if valkey["mirror"] == "guest":
+        notes.append(
+            f"mirror layout v{valkey['layout']} owns the mirror; v{settings.mirror_layout} "
+            "instances answer from Postgres (a rolling upgrade: see Valkey in production)"
+        )
+    elif valkey["mirror"] == "distrusted":
+        problems.append(
+            "the mirror's marker names another data set (Valkey restarted, restored or failed "
+            "over): a reseed is due; see Runbook: Valkey lost"
+        )
+    elif not valkey["seeded"]:
+        problems.append("the mirror is not seeded: being rebuilt; see Runbook: Valkey lost")
 
 
 def _age(at: str, now: datetime) -> float:
@@ -129,8 +161,8 @@ async def gather(
             f"Valkey unreachable ({valkey['error']}): reads come from Postgres; "
             "see Runbook: Valkey lost"
         )
-    elif not valkey["seeded"]:
-        problems.append("the mirror is not seeded: being rebuilt; see Runbook: Valkey lost")
+    else:
+        _mirror(valkey, settings, problems, notes)
     if "error" in postgres:
         problems.append(
             f"Postgres unreachable ({postgres['error']}): writes fail UNAVAILABLE; "
@@ -300,8 +332,13 @@ def _server_state(server: dict[str, Any]) -> str:
 
 
 def _valkey_state(valkey: dict[str, Any]) -> str:
-    seeded = "seeded" if valkey["seeded"] else "NOT SEEDED"
-    return f"ok {valkey['ping_ms']} ms  {seeded}  online {valkey['online']}"
+    trust = {"trusted": "trusted", "guest": "owned by a newer layout"}.get(
+        valkey["mirror"], valkey["mirror"].upper()
+    )
+    return (
+        f"ok {valkey['ping_ms']} ms  {trust} (layout v{valkey['layout']})  online"
+        f" {valkey['online']}  maxmemory-policy {valkey['maxmemory_policy']}"
+    )
 
 
 def _postgres_state(postgres: dict[str, Any]) -> str:
