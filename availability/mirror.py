@@ -372,14 +372,12 @@ def connect_valkey(
     if settings.valkey_sentinels:
         from .sentinel import sentinel_pool
 
-        return redis.Redis(
-            connection_pool=sentinel_pool(settings, url, on_moved=on_moved, **options)
-        )
+        return redis.Redis.from_pool(sentinel_pool(settings, url, on_moved=on_moved, **options))
     if settings.valkey_cluster:
         pool = SlotPool.from_url(
             url, slot=slot_of(settings.valkey_key_prefix), on_moved=on_moved, **options
         )
-        return redis.Redis(connection_pool=pool)
+        return redis.Redis.from_pool(pool)
     client: redis.Redis = redis.Redis.from_url(url, **options)
     return client
 

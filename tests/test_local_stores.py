@@ -22,6 +22,7 @@ from availability.local_stores import (
     start_postgres,
     start_valkey,
     start_valkey_cluster,
+    start_valkey_sentinel,
 )
 
 SHARED_PORTS = {5432, 6379}
@@ -254,3 +255,33 @@ def test_valkey_cluster_fails_over_a_killed_master_and_keeps_its_replicated_key(
         assert not node.running
         with pytest.raises(redis.ConnectionError):
             client(node).ping()
+
+
+def test_valkey_sentinel_promotes_the_replica_of_a_killed_master(tmp_path: Path) -> None:
+    group = start_valkey_sentinel(tmp_path / "sentinel", master_name="mirror")
+    try:
+        assert group.master_name == "mirror" and len(group.sentinels) == 3
+        assert not {int(s.rpartition(":")[2]) for s in group.sentinels} & SHARED_PORTS
+        master = group.master()
+        replicas = group.replicas()
+        assert len(replicas) == 1
+        with client(master) as valkey:
+            assert valkey.set("k", "v")
+            assert valkey.wait(1, 1000) == 1
+        assert client(replicas[0]).get("k") == b"v"
+
+        master.kill()
+        group.wait_failover(master, timeout=15.0)
+
+        assert group.master() is replicas[0]
+        with client(replicas[0]) as valkey:
+            assert valkey.info("replication")["role"] == "master"
+            assert valkey.get("k") == b"v"
+            assert valkey.set("k", "w")
+    finally:
+        group.stop()
+
+    for server in (*group.nodes, *group.sentinel_nodes):
+        assert not server.running
+        with pytest.raises(redis.ConnectionError):
+            client(server).ping()

@@ -127,6 +127,28 @@ def test_mutual_tls_allows_binding_beyond_loopback(tmp_path: Path) -> None:
     assert settings.mutual_tls
 
 
+def test_sentinel_mode_takes_the_sentinels_and_the_master_name_together() -> None:
+    sentinel = {
+        **BASE,
+        "VALKEY_SENTINELS": "10.0.0.7:26379, [fd00::8]:26379",
+        "VALKEY_SENTINEL_MASTER": "availability",
+        "VALKEY_SENTINEL_PASSWORD": "s3cret",
+    }
+    settings = Settings.from_env(sentinel)
+    assert settings.valkey_sentinels == ("10.0.0.7:26379", "[fd00::8]:26379")
+    assert settings.valkey_sentinel_master == "availability"
+    assert settings.valkey_sentinel_password == "s3cret" and "s3cret" not in repr(settings)
+    without_master = {k: v for k, v in sentinel.items() if k != "VALKEY_SENTINEL_MASTER"}
+    with pytest.raises(SettingsError, match="VALKEY_SENTINEL_MASTER"):
+        Settings.from_env(without_master)
+    with pytest.raises(SettingsError, match="VALKEY_SENTINELS"):
+        Settings.from_env({**BASE, "VALKEY_SENTINEL_MASTER": "availability"})
+    with pytest.raises(SettingsError, match="VALKEY_SENTINELS"):
+        Settings.from_env({**sentinel, "VALKEY_SENTINELS": "10.0.0.7"})
+    with pytest.raises(SettingsError, match="VALKEY_CLUSTER"):
+        Settings.from_env({**sentinel, "VALKEY_CLUSTER": "true"})
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [
