@@ -42,11 +42,15 @@ def _progress_bar(total: int) -> Callable[[int], None]:
 
 
 async def _migrate(settings: Settings) -> None:
+    """Waits for Postgres like `serve` does (STARTUP_TIMEOUT_SECONDS): a migration job is
+    started by the same orchestrator, as early."""
+    from .server import StartupDeadline
     from .truth import Truth
 
-    truth = await Truth.connect(settings)
+    deadline = StartupDeadline(settings.startup_timeout_seconds)
+    truth = await deadline.retry(lambda: Truth.connect(settings))
     try:
-        applied = await truth.migrate()
+        applied = await deadline.retry(truth.migrate)
     finally:
         await truth.close()
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'schema up to date'}")
@@ -150,12 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .server import serve_workers
 
             return serve_workers(settings, args.workers)
+        from .server import run
         from .server import serve as serve_forever
 
-        asyncio.run(serve_forever(settings))
-    elif args.command == "migrate":
-        asyncio.run(_migrate(settings))
-    elif args.command == "demo":
+        return run(serve_forever(settings))
+    if args.command == "migrate":
+        from .server import run
+
+        return run(_migrate(settings))
+    if args.command == "demo":
         if args.mitras < 1:
             parser.error("--mitras must be >= 1")
         asyncio.run(_demo(settings, args.mitras, args.online_share, args.if_empty))

@@ -10,23 +10,27 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar, cast
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio.connection import Connection
 
 from .domain import Availability
+from .errors import TruthUnavailable
 from .interceptors import Authentication, ErrorMapping, Observed
 from .listener import ChangeListener
 from .metrics import Metrics
-from .mirror import MIRROR_ERRORS, Mirror, connect_valkey
+from .mirror import MIRROR_ERRORS, Mirror, MirrorUntrusted, connect_valkey
 from .services.availability import AvailabilityService
 from .services.dashboard import DashboardService
 from .settings import Settings
@@ -50,6 +54,104 @@ ANNOUNCE_SECONDS = 2.0
 _FORGET_SECONDS = 60.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_RETRY_FIRST_SECONDS = 0.5
+_RETRY_MAX_SECONDS = 5.0
+_POSTGRES_NOT_YET: tuple[type[Exception], ...] = (
+    TruthUnavailable,
+    # A role or database that a job started with us creates is as late as Postgres itself.
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+T = TypeVar("T")
+
+
+class StartupFailed(Exception):
+    """Postgres stayed unreachable past STARTUP_TIMEOUT_SECONDS; the message is the one line
+    the process ends with."""
+
+
+class StartupDeadline:
+    """STARTUP_TIMEOUT_SECONDS from now. Until then a start-up step that fails for want of
+    Postgres is tried again, backing off from 0.5 s doubling to 5 s, one log line a try."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._at = time.monotonic() + seconds
+
+    async def retry(self, step: Callable[[], Awaitable[T]]) -> T:
+        delay = _RETRY_FIRST_SECONDS
+        attempt = 1
+        while True:
+            try:
+                result = await step()
+            except _POSTGRES_NOT_YET as exc:
+                error = _named(exc.__cause__ or exc)
+                left = self._at - time.monotonic()
+                if left <= 0:
+                    raise StartupFailed(
+                        f"Postgres unreachable for {self.seconds:g} s at start-up "
+                        f"(last error: {error}); giving up"
+                    ) from None
+                wait = min(delay, left)
+                log.warning(
+                    "Postgres unreachable at start-up, attempt %d (%s); retrying in %.1f s, "
+                    "%.1f s left before STARTUP_TIMEOUT_SECONDS",
+                    attempt,
+                    error,
+                    wait,
+                    left,
+                )
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
+                attempt += 1
+                continue
+            if attempt > 1:
+                log.info("Postgres answered at attempt %d", attempt)
+            return result
+
+
+def _named(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+class _Services(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """The two services' handlers. grpc takes handlers only before it starts, the port and
+    health must be up before Postgres answers, and the services need Postgres: so this one
+    handler is registered up front and handed the services once start-up is done. Until
+    then their calls get UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add(self, availability: Availability) -> None:
+        server = cast(grpc.aio.Server, self)
+        pb_grpc.add_AvailabilityServiceServicer_to_server(AvailabilityService(availability), server)
+        dashboard_pb_grpc.add_DashboardServiceServicer_to_server(
+            DashboardService(availability), server
+        )
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """The generated code offers each service twice; the registered handlers suffice."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self._handlers.update((f"/{service}/{name}", h) for name, h in handlers.items())
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if self._handlers:
+            return self._handlers.get(details.method)
+        return _STARTING if details.method.startswith(_OURS) else None
+
+
+_OURS = tuple(f"/{name}/" for name in SERVICE_NAMES)
+
+
+async def _starting(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, "starting up: not serving yet")
+
+
+_STARTING = grpc.unary_unary_rpc_method_handler(_starting)
 
 
 class Server:
@@ -71,16 +173,14 @@ class Server:
         self._started_at = datetime.now(UTC)
 
     async def start(self, *, reuse_port: bool = False) -> None:
-        """Connect, bind (health NOT_SERVING), migrate, seed, start tasks, then SERVING."""
+        """Bind (health NOT_SERVING), connect, migrate, seed, start tasks, then SERVING.
+
+        Postgres is waited for up to STARTUP_TIMEOUT_SECONDS (StartupFailed after that), so
+        an orchestrator may start the stores and this server in any order."""
         started = time.perf_counter()
         settings = self.settings
-        truth = await Truth.connect(settings)
-        mirror = Mirror(
-            connect_valkey(settings, self._valkey_connected, on_moved=self._valkey_moved),
-            settings,
-        )
-        self.availability = availability = Availability(truth, mirror, settings)
-
+        deadline = StartupDeadline(settings.startup_timeout_seconds)
+        services = _Services()
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMapping()]  # type: ignore[type-arg]
         if settings.auth_tokens:
             interceptors.insert(0, Authentication(settings.auth_tokens))
@@ -96,12 +196,7 @@ class Server:
             ],
             maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         )
-        pb_grpc.add_AvailabilityServiceServicer_to_server(
-            AvailabilityService(availability), self._grpc
-        )
-        dashboard_pb_grpc.add_DashboardServiceServicer_to_server(
-            DashboardService(availability), self._grpc
-        )
+        self._grpc.add_generic_rpc_handlers((services,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if settings.grpc_reflection:
             reflection.enable_server_reflection(
@@ -119,8 +214,14 @@ class Server:
         if settings.metrics_address:
             self.metrics.serve(settings.metrics_address)
 
+        truth = await deadline.retry(lambda: Truth.connect(settings))
+        mirror = Mirror(
+            connect_valkey(settings, self._valkey_connected, on_moved=self._valkey_moved),
+            settings,
+        )
+        self.availability = availability = Availability(truth, mirror, settings)
         if settings.migrate_on_start:
-            await truth.migrate()
+            await deadline.retry(truth.migrate)
         # Listen before seeding: a change notified between the seed's read and LISTEN
         # would otherwise be lost until the next reconcile.
         self.listener = ChangeListener(availability)
@@ -134,7 +235,7 @@ class Server:
         self.sweeps = sweeps = Sweeps(availability)
         try:
             seeding = time.perf_counter()
-            seeded, drift = await availability.reconcile()
+            seeded, drift = await deadline.retry(availability.reconcile)
             log.info("mirror seeded with %d mitras (%d changes)", seeded, drift.total)
             await sweeps.record(
                 RECONCILE,
@@ -144,10 +245,17 @@ class Server:
                 drift.total,
                 {"mitras": seeded, "drift": asdict(drift), "at_start_up": True},
             )
+        except MirrorUntrusted as exc:
+            log.warning("mirror not seeded at start-up (%s); serving from Postgres", exc)
         except MIRROR_ERRORS as exc:
-            log.warning("Valkey unavailable at start-up (%s); serving from Postgres", exc)
+            log.warning(
+                "Valkey unreachable at start-up (%s); serving from Postgres, and seeding the "
+                "mirror once Valkey answers",
+                _named(exc),
+            )
         await availability.watch_hub.start()
         sweeps.start()
+        services.add(availability)
         await self._set_health(_SERVING)
         self._serving = True
         self._tasks.append(asyncio.create_task(self._announce(), name="announce"))
@@ -258,7 +366,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-async def _finished(task: asyncio.Task[None]) -> None:
+async def _finished(task: asyncio.Task[Any]) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
 
@@ -275,26 +383,50 @@ async def running(settings: Settings, *, tracer_provider: object = None) -> Asyn
 
 
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully. A signal while start-up
+    still waits for Postgres ends the wait; StartupFailed when the wait ran out."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = Server(settings)
+    starting = asyncio.create_task(server.start(reuse_port=reuse_port))
+    stopping = asyncio.create_task(stop.wait())
     try:
-        await server.start(reuse_port=reuse_port)
-        await stop.wait()
-        log.info("shutting down: draining in-flight calls")
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            await stopping
+            log.info("shutting down: draining in-flight calls")
+        else:
+            log.info("shutting down before start-up finished")
     finally:
+        for task in (starting, stopping):
+            if not task.done():
+                task.cancel()
+                await _finished(task)
         await server.stop()
     log.info("stopped")
+
+
+def run(main: Coroutine[Any, Any, None]) -> int:
+    """asyncio.run(main) as a command's exit code: 1 with one line, not a traceback, when
+    start-up gave up (or 130 on Ctrl-C while it waited)."""
+    try:
+        asyncio.run(main)
+    except StartupFailed as exc:
+        print(f"availability: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def _worker(settings: Settings) -> None:
     from .logs import configure_logging
 
     configure_logging(settings)
-    asyncio.run(serve(settings, reuse_port=True))
+    raise SystemExit(run(serve(settings, reuse_port=True)))
 
 
 def _worker_settings(settings: Settings, index: int) -> Settings:

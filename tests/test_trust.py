@@ -26,6 +26,7 @@ from availability.settings import Settings
 from availability.sweeps import AUTO_OFFLINE
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
+from bench.trust import Endpoint
 
 from .helpers import Fleet, eventually
 from .test_sweeps import tick
@@ -181,50 +182,6 @@ async def test_flushall_sends_every_read_to_postgres_until_the_reseed(
         assert {m.mitra_id for m in after.mitras} == {str(m) for m in mitras[1:]}
     finally:
         await direct.aclose()
-
-
-class Endpoint:
-    """One address in front of whichever Valkey is primary, as a managed service's endpoint
-    or a virtual IP is: moving it closes the connections it carried."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._carry, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def move(self, target: int) -> None:
-        self.target = target
-        for writer in list(self._writers):
-            writer.close()
-
-    async def stop(self) -> None:
-        self.move(0)
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-
-    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update((writer, up_writer))
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, ConnectionError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers.difference_update((writer, up_writer))
 
 
 async def test_a_replica_promoted_behind_the_same_endpoint_is_distrusted(
