@@ -482,6 +482,9 @@ async def main(quick: bool) -> None:
         from .watchers import bench_watchers
 
         rows += await bench_watchers(base.admin_dsn, base.valkey_url, quick)
+        from .trust import bench_trust
+
+        rows += await bench_trust(base.admin_dsn, city)
     write_results(rows, curves, sizes, quick)
     for r in rows:
         progress(f"{r.case}: {r.figure} | {r.comparison} | met={r.met}")
