@@ -353,3 +353,28 @@ async def test_a_newer_layout_owns_the_mirror_and_the_last_version_standing_take
         ]
         assert all(s.source == pb.SOURCE_CACHE for s in statuses)
         assert {s.mitra_id for s in statuses if s.online} == await online_in_truth(db)
+
+
+async def test_a_valkey_out_of_memory_still_takes_new_connections(
+    server_on_own_valkey: Server, stub_own: Stub, fleet: Fleet, own_valkey: LocalValkey
+) -> None:
+    """Every new connection is checked first; the check must not need memory."""
+    mitra = await fleet.mitra("M", online=True)
+    await eventually(lambda: from_cache(stub_own))
+    assert server_on_own_valkey.availability is not None
+    mirror = server_on_own_valkey.availability.mirror
+    direct = redis.Redis(port=own_valkey.port, decode_responses=True)
+    try:
+        used = int((await direct.info("memory"))["used_memory"])
+        await direct.config_set("maxmemory", str(used - 10_000))
+        await direct.client_kill_filter(_type="normal", skipme=True)  # every connection anew
+
+        async def answered_from_cache() -> bool:
+            reply = await stub_own.IsMitraReachable(pb.IsMitraReachableRequest(mitra_id=str(mitra)))
+            return reply.reachable and reply.source == pb.SOURCE_CACHE
+
+        await eventually(answered_from_cache, timeout=10)
+        assert (await mirror.check_trust()).verdict is Trust.TRUSTED
+    finally:
+        await direct.config_set("maxmemory", "0")
+        await direct.aclose()

@@ -31,7 +31,8 @@ local policy = field('memory', 'maxmemory_policy') or 'unknown'
 local now = now_ms()
 
 if action ~= 'peek' then
-  redis.call('ZADD', LAYOUTS, now, layout)
+  -- pcall: a Valkey out of memory refuses the ZADD, and the check must still answer.
+  redis.pcall('ZADD', LAYOUTS, now, layout)
   redis.call('ZREMRANGEBYSCORE', LAYOUTS, '-inf', now - 3600000)
 end
 local highest = layout
