@@ -652,17 +652,31 @@ class LocalValkeyCluster:
         return None
 
     def _wait_until(self, trouble: Callable[[], str | None], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                problem = trouble()
-            except redis.RedisError as error:
-                problem = f"{type(error).__name__}: {error}"
-            if problem is None:
-                return
-            if time.monotonic() > deadline:
-                raise LocalStoreError(f"Valkey cluster not ok after {timeout:g}s: {problem}")
-            time.sleep(0.05)
+        _wait_until(trouble, timeout, "Valkey cluster")
+
+
+def _wait_until(
+    trouble: Callable[[], str | None],
+    timeout: float,
+    what: str,
+    logged: Iterable[_LocalServer] = (),
+) -> None:
+    """Until trouble() finds none; past the timeout, its last word (and the servers' logs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            problem = trouble()
+        except redis.RedisError as error:
+            problem = f"{type(error).__name__}: {error}"
+        if problem is None:
+            return
+        if time.monotonic() > deadline:
+            logs = "".join(
+                f"\n--- {server._name} {server.port}:\n{_log_tail(server.log_path, 15)}"
+                for server in logged
+            )
+            raise LocalStoreError(f"{what} not ok after {timeout:g}s: {problem}{logs}")
+        time.sleep(0.05)
 
 
 def start_valkey_cluster(
@@ -849,21 +863,7 @@ class LocalValkeySentinel:
         return None
 
     def _wait_until(self, trouble: Callable[[], str | None], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                problem = trouble()
-            except redis.RedisError as error:
-                problem = f"{type(error).__name__}: {error}"
-            if problem is None:
-                return
-            if time.monotonic() > deadline:
-                logs = "\n".join(
-                    f"--- {server._name} {server.port}:\n{_log_tail(server.log_path, 15)}"
-                    for server in (*self.sentinel_nodes, *self.nodes)
-                )
-                raise LocalStoreError(f"Sentinel not ok after {timeout:g}s: {problem}\n{logs}")
-            time.sleep(0.05)
+        _wait_until(trouble, timeout, "Sentinel", (*self.sentinel_nodes, *self.nodes))
 
 
 def start_valkey_sentinel(

@@ -28,7 +28,7 @@ from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 from bench.trust import Endpoint
 
-from .helpers import Fleet, eventually
+from .helpers import Fleet, code_of, eventually
 from .test_sweeps import tick
 
 Stub = pb_grpc.AvailabilityServiceStub
@@ -66,18 +66,12 @@ class Pairing:
                 self.violations.append(f"reachable from {pb.Source.Name(reachable.source)}")
             if self.deactivated in {m.mitra_id for m in found.mitras}:
                 self.violations.append(f"offered from {pb.Source.Name(found.source)}")
-            code = await _code(self.stub.Heartbeat(pb.HeartbeatRequest(mitra_id=self.deactivated)))
+            code = await code_of(
+                self.stub.Heartbeat(pb.HeartbeatRequest(mitra_id=self.deactivated))
+            )
             if code != grpc.StatusCode.PERMISSION_DENIED:
                 self.violations.append(f"heartbeat answered {code.name}")
             await asyncio.sleep(0.005)
-
-
-async def _code(call: object) -> grpc.StatusCode:
-    try:
-        await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 @contextlib.asynccontextmanager
