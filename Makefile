@@ -54,9 +54,12 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick
 
-# Mixed load while Valkey is killed and restarted and Postgres restarts; writes bench/CHAOS.md.
+# Mixed load while Valkey is killed, restarted, restored from an older snapshot and flushed, a
+# newer layout runs beside and is rolled back, and Postgres restarts (bench/CHAOS.md); then the
+# same with a Sentinel failover (bench/CHAOS-sentinel.md). Both run; fails if either found a problem.
 chaos: $(STAMP)
-	$(BIN)/python -m bench.chaos
+	status=0; $(BIN)/python -m bench.chaos || status=1; \
+	$(BIN)/python -m bench.chaos --sentinel || status=1; exit $$status
 
 # The same with Valkey as a local Valkey Cluster, whose slot master is killed; writes bench/CHAOS-cluster.md.
 chaos-cluster: $(STAMP)

@@ -301,9 +301,11 @@ class LiveAvailability:
             call = self._stub.WatchAvailableMitras(request, metadata=self._metadata)
             parts: list[pb.AvailableMitra] = []
             try:
-                await call.initial_metadata()
-                # A resumed stream is live from here: missed changes (or a snapshot) follow.
-                self.in_sync = bool(self.revision)
+                headers = await call.initial_metadata()
+                # A resumed stream replays the missed changes (or sends a snapshot) up to the
+                # server's revision at the start: in sync once that is reached.
+                live_from = _revision_header(headers)
+                self.in_sync = bool(self.revision) and self.revision >= live_from
                 async for message in call:
                     backoff = 0.05
                     if message.HasField("snapshot"):
@@ -324,6 +326,8 @@ class LiveAvailability:
                         else:
                             self._mitras[change.mitra.mitra_id] = change.mitra
                         self.revision = change.revision
+                        if self.revision >= live_from:
+                            self.in_sync = True
                         yield change
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RESUMABLE:
@@ -335,6 +339,13 @@ class LiveAvailability:
             self.reconnects += 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
+
+
+def _revision_header(headers: object) -> int:
+    for key, value in headers or ():  # type: ignore[attr-defined]
+        if key == convert.REVISION_HEADER:
+            return int(value)
+    return 0
 
 
 # The service's own mappings, read the other way.

@@ -426,6 +426,7 @@ class Mirror:
         self._release_dirty = script("release_dirty")
         self._forget = script("forget")
         self._trust = script("trust")
+        self._resync = script("resync")
         self._lease = script("lease", prelude=False)
         self._release = script("release", prelude=False)
         self._watch_expire = script("watch_expire")
@@ -544,13 +545,19 @@ class Mirror:
 
     async def request_resync(self, mitra_ids: Sequence[UUID]) -> None:
         """Ask whichever instance owns the mirror to resync these from Postgres (the one
-        structure every layout shares, so a guest's writes reach the owner's mirror)."""
+        structure every layout shares, so a guest's writes reach the owner's mirror); until
+        then the owner answers them from Postgres (resync.lua)."""
         if mitra_ids:
-            await self.client.sadd(self.keys.resync, *map(str, mitra_ids))
+            await self._run(self._resync, "request", *map(str, mitra_ids))
 
-    async def take_resync_requests(self, count: int = 10_000) -> list[UUID]:
-        ids: list[bytes] = await self.client.spop(self.keys.resync, count)  # type: ignore[assignment]
-        return [UUID(i.decode()) for i in ids or ()]
+    async def resync_requests(self, count: int = 10_000) -> tuple[int, list[UUID]]:
+        """(Valkey's time now, up to count ids asked for): release them after the resync."""
+        now, *ids = await self._run(self._resync, "take", count)
+        return int(now), [UUID(i.decode()) for i in ids]
+
+    async def release_resync_requests(self, taken_at: int, mitra_ids: Sequence[UUID]) -> None:
+        """Drop the requests a resync that read Postgres after `taken_at` answered."""
+        await self._run(self._resync, "release", taken_at, *map(str, mitra_ids))
 
     async def heartbeat(self, mitra_id: UUID) -> HeartbeatOutcome:
         """Group commit: while one script call is in flight, the heartbeats that arrive wait

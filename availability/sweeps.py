@@ -67,6 +67,7 @@ class Sweeps:
         self._connected = asyncio.Event()
         self._reconcile_due = False
         self._reseeding: asyncio.Task[None] | None = None
+        self._running: set[str] = set()
 
     def valkey_connected(self) -> None:
         """Called from the Valkey connection on every (re)connect (which checked the data set
@@ -123,6 +124,19 @@ class Sweeps:
         if mirror.guest:  # another version owns the mirror, and its sweeps run
             stats.skipped += 1
             return False
+        if name in self._running:  # a reseed and the cycle's reconcile met here: one is enough
+            return False
+        self._running.add(name)
+        try:
+            return await self._run_leased(name, interval, sweep)
+        finally:
+            self._running.discard(name)
+
+    async def _run_leased(
+        self, name: str, interval: float, sweep: Callable[[int], Awaitable[int]]
+    ) -> bool:
+        stats = self.report.of(name)
+        mirror = self._availability.mirror
         ttl = interval * 1.5
         try:
             epoch = await mirror.take_lease(name, self.owner, ttl)
@@ -289,9 +303,8 @@ class Sweeps:
         """Mitras another version wrote or heard a heartbeat of while it could not write the
         mirror (a rolling upgrade): Postgres has them, so the mirror takes them from there."""
         mirror = self._availability.mirror
-        while ids := await mirror.take_resync_requests():
-            try:
-                await self._availability.resync(ids)
-            except STORE_ERRORS:
-                await mirror.request_resync(ids)
-                raise
+        taken_at, ids = await mirror.resync_requests()
+        if ids:
+            await self._availability.resync(ids)
+            unmirrored = self._availability.unmirrored
+            await mirror.release_resync_requests(taken_at, [i for i in ids if i not in unmirrored])

@@ -65,6 +65,18 @@ class WatchStats:
     losses: int = 0
 
 
+def _leading_to(retained: list[AvailabilityChange], revision: int) -> list[AvailabilityChange]:
+    """The retained changes that lead without a gap to revision. A reseed publishes silently
+    and restarts the revision from the clock: changes from before it do not lead to the
+    current state, so a resume from them must get a snapshot instead."""
+    first = len(retained)
+    expected = revision
+    while first > 0 and retained[first - 1].revision == expected:
+        first -= 1
+        expected -= 1
+    return retained[first:]
+
+
 class WatchHub:
     def __init__(self, mirror: Mirror, settings: Settings) -> None:
         self._mirror = mirror
@@ -169,7 +181,7 @@ class WatchHub:
         self._view = {m.mitra_id: m for m in snapshot.mitras}
         self._snapshot = snapshot
         self._retained.clear()
-        self._retained.extend(retained)
+        self._retained.extend(_leading_to(retained, snapshot.revision))
         self.revision = snapshot.revision
         for watcher in self._watchers:
             watcher.resync = True

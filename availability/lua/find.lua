@@ -11,6 +11,7 @@ local excluded = {}
 for i = 3, #ARGV do
   excluded[ARGV[i]] = true
 end
+local pending = redis.call('ZCARD', RESYNC) > 0
 local found = {}
 local loads = {}
 local page = math.max(limit + #ARGV, 64)
@@ -22,7 +23,7 @@ while #found < limit do
   end
   for j = 1, #members, 2 do
     local id = members[j]
-    if not excluded[id] then
+    if not excluded[id] and not (pending and awaiting_resync(id)) then
       local heartbeat = tonumber(redis.call('ZSCORE', HEARTBEATS, id))
       if heartbeat and heartbeat >= threshold then
         found[#found + 1] = id

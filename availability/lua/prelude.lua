@@ -24,6 +24,12 @@ local function require_seeded()
   end
 end
 
+-- A mitra an older layout asked the owner to resync (resync.lua) may be newer in Postgres
+-- (deactivated, say): readers must not answer it from the mirror until it is resynced.
+local function awaiting_resync(id)
+  return redis.call('ZSCORE', RESYNC, id) ~= false
+end
+
 -- Valkey's clock is the one clock: every instance's freshness is judged by it.
 local function now_ms()
   local t = redis.call('TIME')

@@ -6,7 +6,7 @@ if unseeded then
 end
 local id = ARGV[1]
 local capacity = redis.call('HGET', CAPACITY, id)
-if not capacity then
+if not capacity or awaiting_resync(id) then
   return {}
 end
 return {

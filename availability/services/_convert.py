@@ -22,6 +22,8 @@ from ..model import (
 from ..v1 import availability_pb2 as pb
 
 MAX_IDS = 10_000
+REVISION_HEADER = "availability-revision"
+"""Initial metadata of a watch: the revision it is live from (a resume replays up to it)."""
 SNAPSHOT_PART = 5_000
 """Mitras per snapshot message: 100,000 mitras in one message would pass gRPC's default
 4 MiB message limit."""

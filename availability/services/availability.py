@@ -16,7 +16,7 @@ from . import _convert as convert
 
 DEFAULT_FIND_LIMIT = 100
 MAX_FIND_LIMIT = 10_000
-REVISION_HEADER = "availability-revision"
+REVISION_HEADER = convert.REVISION_HEADER
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
