@@ -414,3 +414,18 @@ async def test_two_instances_run_each_sweep_once_per_tick(
         assert sum(runs) <= ticks + 1, f"{name}: {runs} runs in {ticks:.0f} ticks"
         assert sum(runs) >= ticks / 3, f"{name}: {runs}"
         assert min(runs) <= 1, f"{name}: one instance holds the lease ({runs})"
+
+
+async def test_one_sweep_runs_once_at_a_time_in_an_instance(
+    server: Server, fleet: Fleet, db: asyncpg.Connection
+) -> None:
+    """A reseed and the cycle's reconcile can meet in one instance (the lease lets its holder
+    in twice): one runs, the other steps aside, and the run is recorded once."""
+    for i in range(50):
+        await fleet.mitra(f"M{i}", online=True)
+    runs = sweeps_of(server).report.of(RECONCILE).runs
+
+    outcomes = await asyncio.gather(tick(server, RECONCILE), tick(server, RECONCILE))
+
+    assert sorted(outcomes) == [False, True]
+    assert sweeps_of(server).report.of(RECONCILE).runs == runs + 1

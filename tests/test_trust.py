@@ -318,6 +318,20 @@ async def test_a_newer_layout_owns_the_mirror_and_the_last_version_standing_take
                 return not await valkey.sismember(keys.online, str(offline_by_old))
 
             await eventually(reached_the_owner, timeout=5)
+            # A deactivation through v(n) is never served by v(n+1), not even before v(n+1)
+            # resynced it (v(n) could not write its layout).
+            banned = mitras[2]
+            await old_stub.SetMitraActive(
+                pb.SetMitraActiveRequest(mitra_id=str(banned), active=False)
+            )
+            reachable = await new_stub.IsMitraReachable(
+                pb.IsMitraReachableRequest(mitra_id=str(banned))
+            )
+            assert not reachable.reachable
+            found = await new_stub.FindAvailableMitras(pb.FindAvailableMitrasRequest(limit=100))
+            assert str(banned) not in {m.mitra_id for m in found.mitras}
+            refused = await code_of(new_stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(banned))))
+            assert refused == grpc.StatusCode.PERMISSION_DENIED
             # old_only's app heartbeats through v(n) alone; v(n+1)'s mirror ages it.
             await db.execute(
                 "UPDATE mitra_online_status SET last_heartbeat_at = now() - interval '1 hour'"
@@ -331,10 +345,16 @@ async def test_a_newer_layout_owns_the_mirror_and_the_last_version_standing_take
             assert not await tick(old, AUTO_OFFLINE), "v(n) runs no sweep on v(n+1)'s mirror"
             await tick(new, AUTO_OFFLINE)
             assert str(old_only) in await online_in_truth(db), "kept online: it heartbeats"
-            reachable = await new_stub.IsMitraReachable(
-                pb.IsMitraReachableRequest(mitra_id=str(old_only))
-            )
-            assert reachable.reachable and reachable.source == pb.SOURCE_CACHE
+
+            async def reachable_from_cache() -> bool:
+                # Postgres answers it until the owner drained the resync v(n) asked for.
+                reply = await new_stub.IsMitraReachable(
+                    pb.IsMitraReachableRequest(mitra_id=str(old_only))
+                )
+                assert reply.reachable, "never unreachable: its heartbeats count"
+                return reply.source == pb.SOURCE_CACHE
+
+            await eventually(reachable_from_cache, timeout=5)
 
         # v(n+1) rolled back: once its layout is no longer live, v(n) takes the mirror over.
         await eventually(lambda: from_cache(old_stub), timeout=20)

@@ -12,8 +12,10 @@ from uuid import UUID
 import asyncpg
 import grpc
 import pytest
+import redis.asyncio as redis
 
 from availability.local_stores import LocalValkey
+from availability.mirror import Keys
 from availability.model import AvailabilitySnapshot
 from availability.server import Server, running
 from availability.settings import Settings
@@ -503,3 +505,30 @@ def test_the_response_carries_exactly_an_availability_event() -> None:
     )
     event = pb.AvailabilityEvent(revision=7, change=pb.AvailabilityChange(kind=AVAILABLE))
     assert pb.WatchAvailableMitrasResponse.FromString(event.SerializeToString()).revision == 7
+
+
+async def test_a_resume_from_before_a_reseed_gets_a_snapshot_without_what_changed_silently(
+    stub: Stub, fleet: Fleet, server: Server, valkey: redis.Redis
+) -> None:
+    """A reseed mirrors what changed while the mirror was unseeded without publishing it;
+    a watcher resuming from before must not be told only the changes after it."""
+    ayu, budi = await fleet.mitra("Ayu"), await fleet.mitra("Budi")
+    await online(stub, ayu, budi)
+    assert server.availability is not None and server.sweeps is not None
+    hub = server.availability.watch_hub
+    async with watching(stub) as watcher:
+        (snapshot,) = await watcher.wait_for(1)
+    assert set(snapshot_ids(snapshot)) == {str(ayu), str(budi)}
+    await server.sweeps.stop()  # the test reseeds by hand, after the silent change
+    await valkey.delete(Keys.for_prefix(server.settings.valkey_key_prefix).seeded)
+    await stub.SetMitraActive(pb.SetMitraActiveRequest(mitra_id=str(ayu), active=False))
+    await server.availability.reconcile()
+    await eventually(lambda: _true(hub.ready and hub.revision != snapshot.revision))
+
+    async with watching(stub, resume=snapshot.revision) as resumed:
+        await resumed.wait_for(1)
+        await asyncio.sleep(0.2)
+
+    first = resumed.messages[0]
+    assert first.HasField("snapshot"), resumed.changes()
+    assert snapshot_ids(first) == [str(budi)]

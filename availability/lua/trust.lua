@@ -73,7 +73,9 @@ elseif action == 'mark' and verdict ~= 'guest' then
   elseif verdict == 'unseeded' and started == identity and redis.call('GET', SEEDING) == started then
     held = ours .. now
     redis.call('SET', SEEDED, held)
-    redis.call('DEL', SEEDING)
+    -- The seed published silently: revisions restart from the clock, so no resume from
+    -- before it can be answered with changes that skip what it did.
+    redis.call('DEL', SEEDING, REVISION)
     verdict = 'trusted'
   else
     verdict = 'void'
