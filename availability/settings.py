@@ -58,6 +58,8 @@ class Settings:
     grpc_reflection: bool = True
     metrics_address: str = "127.0.0.1:9464"
     migrate_on_start: bool = True
+    chat_session_triggers: bool = True
+    change_poll_seconds: float = 0.02
     log_level: str = "INFO"
     log_format: str = "auto"
     log_slow_rpc_seconds: float = 0.5
@@ -115,6 +117,7 @@ class Settings:
             "valkey_breaker_seconds",
             "log_slow_rpc_seconds",
             "startup_timeout_seconds",
+            "change_poll_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
@@ -249,6 +252,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "grpc_reflection": _bool,
     "auth_tokens": _tokens,
     "migrate_on_start": _bool,
+    "chat_session_triggers": _bool,
+    "change_poll_seconds": _float,
     "default_max_concurrent_sessions": _int,
     "database_pool_size": _int,
     "auto_offline_batch": _int,

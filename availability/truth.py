@@ -25,7 +25,6 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-CHANGE_CHANNEL = "availability_mitra_changed"
 _MIGRATION_LOCK = 0x6D69747261  # "mitra": one advisory lock id for every instance
 
 _LOAD = "c.status IN ('active', 'pending_payment')"
@@ -121,36 +120,86 @@ SELECT count(*) FILTER (WHERE {_IS_AVAILABLE})::int AS available,
 
 _NOW = "SELECT now()"
 
-# One round trip. Active and pending are index-only scans of small partial indexes; the
-# sensitive and 30-day counts add up chat_session_days, plus the sessions of the boundary
-# day itself counted from the created_at index (the boundary is a time, not a day).
+# One round trip. Active and pending are index-only scans of small partial indexes. The
+# sensitive and 30-day counts add up chat_session_days (and the changes appended since the
+# last fold) for the days before counted_before, which is about two days back, and count the
+# sessions since from the created_at indexes; the boundary day itself is counted from the
+# index too (the boundary is a time, not a day). No trigger counts an ordinary insert
+# (issue 16; migration 0008).
 _SESSION_COUNTS = """
 WITH bound AS (
     SELECT now() - interval '30 days' AS since,
-           ((now() - interval '30 days') AT TIME ZONE 'UTC')::date AS first_day
+           ((now() - interval '30 days') AT TIME ZONE 'UTC')::date AS first_day,
+           s.counted_before AS line,
+           s.counted_before::timestamp AT TIME ZONE 'UTC' AS line_at
+    FROM chat_session_days_state s
+),
+days AS (
+    SELECT day, sensitive, sessions FROM chat_session_days
+    UNION ALL
+    SELECT day, sensitive, sessions FROM chat_session_day_changes
 ),
 boundary_day AS (
     SELECT count(*) AS sessions,
            count(*) FILTER (WHERE c.topic_sensitivity = 'sensitive') AS sensitive
     FROM chat_sessions c, bound
     WHERE c.created_at >= bound.since
-      AND c.created_at < (bound.first_day + 1)::timestamp AT TIME ZONE 'UTC'
+      AND c.created_at < least((bound.first_day + 1)::timestamp AT TIME ZONE 'UTC', bound.line_at)
 ),
 later_days AS (
     SELECT coalesce(sum(d.sessions), 0) AS sessions,
            coalesce(sum(d.sessions) FILTER (WHERE d.sensitive), 0) AS sensitive
-    FROM chat_session_days d, bound
+    FROM days d, bound
     WHERE d.day > bound.first_day
+),
+recent AS (
+    SELECT count(*) AS sessions,
+           count(*) FILTER (WHERE c.topic_sensitivity = 'sensitive') AS sensitive
+    FROM chat_sessions c, bound
+    WHERE c.created_at >= greatest(bound.line_at, bound.since)
 )
 SELECT
     (SELECT count(*) FROM chat_sessions
      WHERE status IN ('active', 'pending_payment')) AS active_chats,
     (SELECT count(*) FROM chat_sessions
      WHERE status IN ('searching', 'pending_acceptance')) AS pending_requests,
-    (SELECT coalesce(sum(sessions), 0) FROM chat_session_days WHERE sensitive) AS sensitive_total,
-    (SELECT sessions FROM boundary_day) + (SELECT sessions FROM later_days) AS last_30d_total,
+    (SELECT coalesce(sum(sessions), 0) FROM days WHERE sensitive)
+        + (SELECT count(*) FROM chat_sessions c, bound
+           WHERE c.topic_sensitivity = 'sensitive' AND c.created_at >= bound.line_at)
+        AS sensitive_total,
+    (SELECT sessions FROM boundary_day) + (SELECT sessions FROM later_days)
+        + (SELECT sessions FROM recent) AS last_30d_total,
     (SELECT sensitive FROM boundary_day) + (SELECT sensitive FROM later_days)
+        + (SELECT sensitive FROM recent) AS last_30d_sensitive
+"""
+
+# With CHAT_SESSION_TRIGGERS=false there are no day counters: the same numbers, counted from
+# the created_at and sensitive indexes (exact; the cost grows with 30 days of sessions).
+_SESSION_COUNTS_FROM_INDEXES = """
+SELECT
+    (SELECT count(*) FROM chat_sessions
+     WHERE status IN ('active', 'pending_payment')) AS active_chats,
+    (SELECT count(*) FROM chat_sessions
+     WHERE status IN ('searching', 'pending_acceptance')) AS pending_requests,
+    (SELECT count(*) FROM chat_sessions WHERE topic_sensitivity = 'sensitive') AS sensitive_total,
+    (SELECT count(*) FROM chat_sessions
+     WHERE created_at >= now() - interval '30 days') AS last_30d_total,
+    (SELECT count(*) FROM chat_sessions
+     WHERE created_at >= now() - interval '30 days' AND topic_sensitivity = 'sensitive')
         AS last_30d_sensitive
+"""
+
+_CLOSE_SESSION_DAYS = "SELECT availability_close_session_days()"
+
+# Mitras whose availability may have changed, noted by the triggers (one row per mitra).
+# SKIP LOCKED: instances draining together take disjoint rows, and a row a writer is still
+# noting (locked until it commits) waits for the next poll instead of being read too early.
+# By ctid (a TID scan) whatever the statistics say: a plan that seq-scanned the table once per
+# taken row held the rows' locks for seconds and stalled the writers behind them.
+_TAKE_CHANGES = """
+DELETE FROM availability_changes
+WHERE ctid = ANY(ARRAY(SELECT ctid FROM availability_changes LIMIT $1 FOR UPDATE SKIP LOCKED))
+RETURNING mitra_id
 """
 
 _BUSIEST = """
@@ -232,6 +281,13 @@ SELECT gen_random_uuid(), (ARRAY['searching', 'pending_acceptance'])[1 + floor(r
        CASE WHEN random() < 0.2 THEN 'sensitive' ELSE 'normal' END
 FROM generate_series(1, $1)
 """
+
+# The demo's reset (`availability dev --reset`): no CASCADE, so a table another backend added
+# that references mitras stops it rather than being emptied too.
+_EMPTY = (
+    "TRUNCATE mitras, mitra_online_status, chat_sessions, chat_session_days, auth_sessions,"
+    " sweep_fences"
+)
 
 _FIRST_NAMES = [
     "Ayu",
@@ -361,6 +417,10 @@ class Truth:
                         await conn.execute(sql)
                         await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
                     applied.append(name)
+                await conn.execute(
+                    "SELECT availability_set_session_triggers($1)",
+                    self._settings.chat_session_triggers,
+                )
                 default = int(self._settings.default_max_concurrent_sessions)
                 await conn.execute(
                     f"ALTER TABLE mitras ALTER COLUMN max_concurrent_sessions SET DEFAULT {default}"
@@ -482,7 +542,12 @@ class Truth:
 
     async def session_counts(self) -> tuple[SessionCounts, datetime]:
         async with self._connection() as conn:
-            row = await conn.fetchrow(_SESSION_COUNTS + ", now() AS as_of")
+            counts = (
+                _SESSION_COUNTS
+                if self._settings.chat_session_triggers
+                else _SESSION_COUNTS_FROM_INDEXES
+            )
+            row = await conn.fetchrow(counts + ", now() AS as_of")
         assert row is not None
         return SessionCounts(*(int(row[i]) for i in range(5))), row["as_of"]
 
@@ -523,6 +588,11 @@ class Truth:
             )
         return None if found is None else str(found)
 
+    async def empty(self) -> None:
+        """Every row of the service's tables: the demo starts again from nothing."""
+        async with self._connection() as conn:
+            await conn.execute(_EMPTY)
+
     async def insert_demo_fleet(
         self, mitras: int, online_share: float, progress: Callable[[int], None], batch: int = 2000
     ) -> None:
@@ -537,11 +607,24 @@ class Truth:
                 done += size
                 progress(done)
 
+    async def close_session_days(self, conn: _Connectionish) -> bool:
+        """Move the day counters' line on to two days ago (see _SESSION_COUNTS); False when
+        the chat backend's writes held chat_sessions too long to try now."""
+        return bool(await conn.fetchval(_CLOSE_SESSION_DAYS))
+
+    async def take_changes(self, limit: int, conn: _Connectionish | None = None) -> list[UUID]:
+        """Up to `limit` mitras the triggers noted as changed, removed as they are taken: the
+        caller resyncs them (a resync is idempotent and fenced by read time, so a change
+        taken twice, or by two instances, does no harm)."""
+        if conn is not None:
+            return [r[0] for r in await conn.fetch(_TAKE_CHANGES, limit)]
+        async with self._connection() as pooled:
+            return [r[0] for r in await pooled.fetch(_TAKE_CHANGES, limit)]
+
     @asynccontextmanager
-    async def listen(
-        self, channel: str, callback: Callable[[str], None]
-    ) -> AsyncIterator[_Connectionish]:
-        """A dedicated connection LISTENing on channel; yields it so the caller can watch it."""
+    async def dedicated(self) -> AsyncIterator[_Connectionish]:
+        """A connection outside the pool. Losing it is how the change listener learns that
+        Postgres restarted or failed over (and so reconciles)."""
         try:
             conn = await asyncpg.connect(
                 self._settings.database_url, timeout=self._settings.database_timeout_seconds
@@ -549,7 +632,6 @@ class Truth:
         except _UNREACHABLE as exc:
             raise TruthUnavailable(exc) from exc
         try:
-            await conn.add_listener(channel, lambda *args: callback(args[3]))
             yield conn
         finally:
             conn.terminate()

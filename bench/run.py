@@ -265,10 +265,11 @@ async def bench_dashboard(base: Stores, sessions: int, runs: int) -> list[Row]:
 
 
 async def bench_trigger(base: Stores, samples: int) -> list[Row]:
-    """Load follows truth on its own: from a chat_sessions commit to the mirror's new load."""
+    """Load follows truth on its own: from a chat_sessions commit to the mirror's new load,
+    through the change table the triggers note it in (polled every CHANGE_POLL_SECONDS)."""
     from availability.server import running
 
-    progress("load via trigger")
+    progress("load via the change table")
     async with fresh_domain(base, "trigger") as availability:
         settings = replace(availability.settings, grpc_address="127.0.0.1:0")
         db = await asyncpg.connect(settings.database_url)
@@ -298,11 +299,11 @@ async def bench_trigger(base: Stores, samples: int) -> list[Row]:
     median, p99 = waits[len(waits) // 2], waits[int(len(waits) * 0.99) - 1]
     return [
         Row(
-            "load follows a chat_sessions change via NOTIFY (no RecomputeLoad)",
+            "load follows a chat_sessions change via the change table (no RecomputeLoad)",
             f"{median:.1f} ms median, {p99:.1f} ms p99",
-            target="< 1 s",
-            met=p99 < 1000,
-            note=f"{samples} changes; includes the 20 ms batching window",
+            target="p99 < 100 ms",
+            met=p99 < 100,
+            note=f"{samples} changes, commit to Valkey; includes the 20 ms poll interval",
         ),
     ]
 
@@ -476,6 +477,9 @@ async def main(quick: bool) -> None:
         rows += find_rows
         rows += await bench_dashboard(base, 100_000 if quick else 1_000_000, 10 if quick else 20)
         rows += await bench_trigger(base, 50 if quick else 200)
+        from .footprint import bench_footprint
+
+        rows += await bench_footprint(base.admin_dsn, quick)
         from .throughput import bench_throughput
 
         rows += await bench_throughput(base.admin_dsn, base.valkey_url, quick)
