@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -89,7 +90,7 @@ def _read(path: str | None) -> bytes | None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .status import gather, render
+    from .status import gather, render, watch
 
     settings = _settings(_status_env(args.data_dir))
     credentials = None
@@ -98,15 +99,17 @@ def _status(args: argparse.Namespace) -> int:
             _read(args.ca_file), _read(args.key_file), _read(args.cert_file)
         )
     token = settings.auth_tokens[0] if settings.auth_tokens else None
-    report = asyncio.run(
-        gather(
-            settings,
-            address=args.address or settings.grpc_address,
-            token=token,
-            credentials=credentials,
-            timeout=args.timeout,
-        )
-    )
+    asked = {
+        "address": args.address or settings.grpc_address,
+        "token": token,
+        "credentials": credentials,
+        "timeout": args.timeout,
+    }
+    if args.watch:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(watch(settings, **asked))
+        return 0
+    report = asyncio.run(gather(settings, **asked))
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0 if report["ok"] else 1
 
@@ -121,11 +124,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--mitras", type=int, default=1000)
     demo.add_argument("--online-share", type=float, default=0.6)
     demo.add_argument("--if-empty", action="store_true", help="only when there are no mitras")
+    demo.add_argument(
+        "--live",
+        action="store_true",
+        help="then drive the fleet as real traffic against GRPC_ADDRESS until Ctrl-C"
+        " (loads it only when there are no mitras)",
+    )
     dev = commands.add_parser(
         "dev", help="serve with local Postgres/Valkey started under --data-dir when unset"
     )
     dev.add_argument("--data-dir", default=".data")
-    dev.add_argument("--demo-mitras", type=int, default=200)
+    dev.add_argument("--demo-mitras", type=int, default=200, help="0: no demo and no traffic")
+    dev.add_argument(
+        "--reset",
+        action="store_true",
+        help="start the demo again: empty the database's tables and the mirror's keys first",
+    )
     status = commands.add_parser(
         "status",
         help="health, counts, sweeps, leaders, drift and degraded stores of a running deployment",
@@ -137,13 +151,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--cert-file", help="mutual TLS: this client's certificate chain")
     status.add_argument("--key-file", help="mutual TLS: this client's key")
     status.add_argument("--data-dir", default=".data", help="where `availability dev` runs")
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="a live view redrawn every second, with calls/s by method; Ctrl-C quits",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "dev":
         from .dev import run_dev
 
-        return run_dev(str(args.data_dir), int(args.demo_mitras))
+        return run_dev(str(args.data_dir), int(args.demo_mitras), bool(args.reset))
     if args.command == "status":
+        if args.watch and args.json:
+            parser.error("--watch draws for a person; --json is for scripts")
         return _status(args)
     settings = _settings()
     configure_logging(settings)
@@ -165,7 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         if args.mitras < 1:
             parser.error("--mitras must be >= 1")
-        asyncio.run(_demo(settings, args.mitras, args.online_share, args.if_empty))
+        asyncio.run(_demo(settings, args.mitras, args.online_share, args.if_empty or args.live))
+        if args.live:
+            from .demo_traffic import drive
+
+            print(f"driving the demo fleet against {settings.grpc_address}; Ctrl-C stops")
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(drive(settings))
     return 0
 
 

@@ -1,8 +1,9 @@
 """`availability dev` (what `make run` runs): serve on a laptop with no setup.
 
 Starts a local Postgres and Valkey under the data folder when DATABASE_URL / VALKEY_URL are
-unset, migrates, loads a small demo fleet the first time, serves, and stops what it
-started on Ctrl-C.
+unset, migrates, loads a small demo fleet the first time (again after `--reset`), serves
+with the demo's traffic beside the server (demo_traffic.py) so the fleet stays alive, and
+stops what it started on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -36,13 +37,27 @@ async def _ensure_database(admin_dsn: str) -> str:
     return admin_dsn.rpartition("/")[0] + f"/{_DATABASE}"
 
 
-async def _prepare(settings: Settings, demo_mitras: int) -> str | None:
-    """Migrate, load the demo fleet once; returns one online mitra id to try."""
+async def _prepare(settings: Settings, demo_mitras: int, reset: bool) -> str | None:
+    """Migrate, (empty both stores,) load the demo fleet once; returns one online mitra id
+    to try."""
+    from .mirror import Mirror, connect_valkey
     from .truth import Truth
 
     truth = await Truth.connect(settings)
     try:
         await truth.migrate()
+        if reset:
+            await truth.empty()
+            mirror = Mirror(connect_valkey(settings), settings)
+            try:
+                keys = await mirror.clear()
+            finally:
+                await mirror.close()
+            print(
+                f"reset: emptied the tables of database {settings.database_url.rsplit('/', 1)[-1]}"
+                f" and {keys} keys of prefix {settings.valkey_key_prefix} in Valkey",
+                file=sys.stderr,
+            )
         if demo_mitras and await truth.mitra_count() == 0:
             print(f"loading a demo fleet of {demo_mitras} mitras", file=sys.stderr)
             await truth.insert_demo_fleet(demo_mitras, 0.6, lambda done: None)
@@ -56,9 +71,23 @@ def _grpcurl() -> str:
     return str(local) if local.exists() else (shutil.which("grpcurl") or "grpcurl")
 
 
-def run_dev(data_dir: str, demo_mitras: int) -> int:
+async def _serve(settings: Settings, live: bool) -> None:
+    """Serve until Ctrl-C or SIGTERM; live: with the demo traffic beside, which stops with
+    the server."""
+    from .demo_traffic import drive
     from .server import serve
 
+    traffic = asyncio.create_task(drive(settings), name="demo-traffic") if live else None
+    try:
+        await serve(settings)
+    finally:
+        if traffic is not None:
+            traffic.cancel()
+            with suppress(asyncio.CancelledError):
+                await traffic
+
+
+def run_dev(data_dir: str, demo_mitras: int, reset: bool = False) -> int:
     env = dict(os.environ)
     folder = Path(data_dir).resolve()
     with ExitStack() as stores:
@@ -88,7 +117,7 @@ def run_dev(data_dir: str, demo_mitras: int) -> int:
             )
         )
         stores.callback(written.unlink, missing_ok=True)
-        sample = asyncio.run(_prepare(settings, demo_mitras))
+        sample = asyncio.run(_prepare(settings, demo_mitras, reset))
         address = settings.grpc_address
         print(
             "\nTry it:\n"
@@ -101,10 +130,17 @@ def run_dev(data_dir: str, demo_mitras: int) -> int:
                 if sample
                 else ""
             )
-            + f"  {Path(sys.executable).parent / 'availability'} status\n"
+            + f"  {Path(sys.executable).parent / 'availability'} status --watch\n"
+            + (
+                "The demo is live: apps heartbeat, go online and offline, chats come and go"
+                " (a log line every 30 s says what it did).\n"
+                "`availability dev --reset` (make reset) starts the demo data again.\n"
+                if demo_mitras
+                else ""
+            )
             + "Ctrl-C stops the server and the local stores.\n",
             file=sys.stderr,
         )
         with suppress(KeyboardInterrupt):
-            asyncio.run(serve(settings))
+            asyncio.run(_serve(settings, live=demo_mitras > 0))
     return 0

@@ -14,7 +14,7 @@ from uuid import UUID
 
 from .coalesce import Coalesced
 from .errors import HeartbeatRefused, MitraNotFound, TruthUnavailable
-from .mirror import MIRROR_ERRORS, HeartbeatOutcome, Mirror, MirrorMiss
+from .mirror import MIRROR_ERRORS, HeartbeatOutcome, Mirror, MirrorMiss, untrusted
 from .model import (
     AvailabilityCount,
     AvailableMitra,
@@ -41,10 +41,15 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (*MIRROR_ERRORS, TruthUnavailabl
 
 @dataclass
 class Counters:
-    """Counted for operators: fallbacks and failed mirror writes, by path (metrics.py
-    exports them)."""
+    """Counted for operators, by path (metrics.py exports them). Postgres answers a read
+    instead of the mirror for three reasons, counted apart because only the first is trouble:
+    Valkey failed (fallbacks), the mirror does not know the mitra (mirror_misses), or the mirror
+    may not be read yet: unseeded, being reseeded, distrusted or another layout's
+    (untrusted_reads). And mirror writes that failed after Postgres committed."""
 
     fallbacks: dict[str, int] = field(default_factory=dict)
+    mirror_misses: dict[str, int] = field(default_factory=dict)
+    untrusted_reads: dict[str, int] = field(default_factory=dict)
     mirror_write_errors: dict[str, int] = field(default_factory=dict)
 
     @staticmethod
@@ -98,14 +103,22 @@ class Availability:
         try:
             return await from_mirror()
         except MIRROR_ERRORS as exc:
-            Counters.bump(self.counters.fallbacks, path)
-            if isinstance(exc, MirrorMiss):
-                log.debug("%s: not in the mirror (%s), reading the truth", path, exc)
-            else:
-                self._warnings.warning(
-                    path, "%s: mirror failed (%s: %s), reading the truth", path, _named(exc), exc
-                )
+            self._bypassed(path, exc, "reading the truth")
             return await from_truth()
+
+    def _bypassed(self, path: str, exc: BaseException, then: str) -> None:
+        """Count why Postgres answers instead of the mirror; warn only when Valkey failed."""
+        if isinstance(exc, MirrorMiss):
+            Counters.bump(self.counters.mirror_misses, path)
+            log.debug("%s: not in the mirror (%s), %s", path, exc, then)
+        elif untrusted(exc):
+            Counters.bump(self.counters.untrusted_reads, path)
+            log.debug("%s: the mirror is not trusted yet (%s), %s", path, exc, then)
+        else:
+            Counters.bump(self.counters.fallbacks, path)
+            self._warnings.warning(
+                path, "%s: mirror failed (%s: %s), %s", path, _named(exc), exc, then
+            )
 
     async def _mirror(self, path: str, states: Sequence[MitraState]) -> None:
         """Best effort after the truth committed: a failure is logged and counted, never raised.
@@ -173,18 +186,17 @@ class Availability:
         try:
             outcome = await self.mirror.heartbeat(mitra_id)
         except MIRROR_ERRORS as exc:
-            Counters.bump(self.counters.fallbacks, "heartbeat")
-            self._warnings.warning(
-                "heartbeat",
-                "heartbeat: mirror failed (%s: %s), recording in the truth",
-                _named(exc),
-                exc,
-            )
+            self._bypassed("heartbeat", exc, "recording in the truth")
             return await self.truth.record_heartbeat(mitra_id)
         if outcome is HeartbeatOutcome.DEACTIVATED:
             raise HeartbeatRefused(mitra_id)
         if outcome in (HeartbeatOutcome.UNSEEDED, HeartbeatOutcome.UNKNOWN):
-            Counters.bump(self.counters.fallbacks, "heartbeat")
+            counter = (
+                self.counters.mirror_misses
+                if outcome is HeartbeatOutcome.UNKNOWN
+                else self.counters.untrusted_reads
+            )
+            Counters.bump(counter, "heartbeat")
             online = await self.truth.record_heartbeat(mitra_id)
             if outcome is HeartbeatOutcome.UNKNOWN:
                 await self.resync([mitra_id])

@@ -85,9 +85,25 @@ class _Domain(Collector):
         counters = availability.counters
         yield _by(
             "availability_fallbacks",
-            "Reads (and heartbeat guards) that Postgres answered because Valkey failed.",
+            "Reads (and heartbeat guards) that Postgres answered because Valkey failed "
+            "(unreachable, timed out, breaker open, an error).",
             "path",
             counters.fallbacks.copy(),
+        )
+        yield _by(
+            "availability_mirror_misses",
+            "Reads (and heartbeat guards) of a mitra the mirror does not know, which Postgres "
+            "answered while Valkey was healthy (an unknown id, or one the mirror has not heard "
+            "of yet).",
+            "path",
+            counters.mirror_misses.copy(),
+        )
+        yield _by(
+            "availability_mirror_untrusted_reads",
+            "Reads (and heartbeat guards) that Postgres answered because the mirror may not be "
+            "read yet: unseeded, being reseeded, distrusted, or owned by another layout.",
+            "path",
+            counters.untrusted_reads.copy(),
         )
         yield _by(
             "availability_valkey_write_errors",

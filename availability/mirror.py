@@ -23,7 +23,7 @@ from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .cluster import SlotPool, slot_of
@@ -77,6 +77,14 @@ MIRROR_ERRORS: tuple[type[BaseException], ...] = (
     MirrorUntrusted,
 )
 """What makes a reader fall back to Postgres."""
+
+
+def untrusted(exc: BaseException) -> bool:
+    """Valkey answered, but the mirror may not be read: a script's UNSEEDED (unseeded, being
+    reseeded, distrusted, or marked by another layout) or a seed that could not finish."""
+    return isinstance(exc, MirrorUntrusted) or (
+        isinstance(exc, ResponseError) and str(exc).startswith("UNSEEDED")
+    )
 
 
 class Breaker:
@@ -886,6 +894,15 @@ class Mirror:
                 for member, score in seen
             },
         )
+
+    async def clear(self) -> int:
+        """Delete every key of this prefix (the demo's reset); the next start seeds again."""
+        # The prefix has no glob characters (settings.py checks it).
+        match = f"{self.keys.prefix}*"
+        keys = [key async for key in self.client.scan_iter(match=match, count=1000)]
+        for start in range(0, len(keys), 1000):
+            await self.client.delete(*keys[start : start + 1000])
+        return len(keys)
 
     async def beacon_computations(self) -> int:
         """How many times any instance computed the beacon (for stampede checks)."""

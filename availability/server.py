@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
@@ -51,6 +52,8 @@ SERVICE_NAMES = (
 _STEP_SECONDS = 5.0
 ANNOUNCE_SECONDS = 2.0
 """How often each instance reports itself in Valkey for `availability status`."""
+RECENT_SECONDS = 10.0
+"""The report's `recent_fallbacks` counts the fallbacks of about this long before it."""
 _FORGET_SECONDS = 60.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -171,6 +174,9 @@ class Server:
         self.metrics: Metrics | None = None
         self._serving = False
         self._started_at = datetime.now(UTC)
+        self._fallbacks_announced: deque[int] = deque(
+            maxlen=round(RECENT_SECONDS / ANNOUNCE_SECONDS)
+        )
 
     async def start(self, *, reuse_port: bool = False) -> None:
         """Bind (health NOT_SERVING), connect, migrate, seed, start tasks, then SERVING.
@@ -222,8 +228,8 @@ class Server:
         self.availability = availability = Availability(truth, mirror, settings)
         if settings.migrate_on_start:
             await deadline.retry(truth.migrate)
-        # Listen before seeding: a change notified between the seed's read and LISTEN
-        # would otherwise be lost until the next reconcile.
+        # The change listener connects before seeding, so the seed counts as its first
+        # connection and only a later reconnect reconciles again.
         self.listener = ChangeListener(availability)
         self._tasks.append(asyncio.create_task(self.listener.run(), name="change-listener"))
         try:
@@ -271,9 +277,13 @@ class Server:
         availability, listener = self.availability, self.listener
         assert availability is not None
         counters = availability.counters
+        fallbacks = sum(counters.fallbacks.values())
         host = self.settings.grpc_address.rsplit(":", 1)[0]
         return {
             "address": f"{host}:{self.port}",
+            "metrics_address": f"{self.settings.metrics_address.rpartition(':')[0]}:{port}"
+            if self.metrics and (port := self.metrics.port)
+            else "",
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "started_at": self._started_at.isoformat(),
@@ -282,7 +292,10 @@ class Server:
             "layout": availability.mirror.layout,
             "mirror": trust.verdict.value if (trust := availability.mirror.trust) else "unchecked",
             "distrusted": availability.mirror.distrusted,
-            "fallbacks": sum(counters.fallbacks.values()),
+            "fallbacks": fallbacks,
+            "recent_fallbacks": fallbacks - next(iter(self._fallbacks_announced), 0),
+            "mirror_misses": sum(counters.mirror_misses.values()),
+            "untrusted_reads": sum(counters.untrusted_reads.values()),
             "valkey_write_errors": sum(counters.mirror_write_errors.values()),
             "unmirrored": len(availability.unmirrored),
             "postgres_listener_connected": listener is not None and listener.connected.is_set(),
@@ -295,6 +308,7 @@ class Server:
         while True:
             with contextlib.suppress(*MIRROR_ERRORS):
                 await mirror.announce(instance, json.dumps(self.report()), _FORGET_SECONDS)
+            self._fallbacks_announced.append(sum(self.availability.counters.fallbacks.values()))
             await asyncio.sleep(ANNOUNCE_SECONDS)
 
     async def _valkey_connected(self, connection: Connection) -> None:

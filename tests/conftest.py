@@ -7,6 +7,14 @@ Tests that stop a server use `own_valkey` / `own_postgres`, never the shared one
 
 Modules marked `single_and_cluster` run each of their tests twice: against the single Valkey
 and against a local Valkey Cluster (3 masters, 3 replicas) started once for the session.
+
+Tests clean up after themselves. Every key prefix a test uses on a shared Valkey comes from
+the `settings` fixture (derive others by appending to it), which deletes its keys after the
+test, on the single node and on the cluster. When the run ends, a key left under any prefix
+this run made fails it (the shared Valkey's and the cluster's teardown check): only this run's
+prefixes, so runs sharing the Valkey at once (another engineer's `make test`) never trip each
+other. Temporary folders, throwaway stores' data and logs included, are kept only for tests
+that failed (`tmp_path_retention_policy` in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +32,8 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as redis
+from redis import Redis as SyncValkey
+from redis.cluster import RedisCluster as SyncValkeyCluster
 
 from availability.server import Server, running
 from availability.settings import Settings
@@ -119,30 +129,82 @@ def database_url(postgres_admin_dsn: str) -> Iterator[str]:
     asyncio.run(drop())
 
 
+_PREFIXES = pytest.StashKey[set[str]]()
+"""The Valkey key prefixes this run's tests used."""
+
+
+def _sync_valkey(url: str, cluster: bool) -> SyncValkey | SyncValkeyCluster:
+    if cluster:
+        return SyncValkeyCluster.from_url(url, socket_timeout=5)
+    return SyncValkey.from_url(url, socket_timeout=5)
+
+
+def _keys_of(url: str, cluster: bool, prefixes: Iterable[str]) -> list[str]:
+    """Keys of these prefixes, and of any prefix made by appending to one (`{<prefix>...}`)."""
+    client = _sync_valkey(url, cluster)
+    try:
+        return sorted(
+            {
+                key.decode()
+                for prefix in prefixes
+                for key in client.scan_iter(match="{" + prefix + "*", count=1000)
+            }
+        )
+    finally:
+        client.close()
+
+
+def _delete_keys(url: str, cluster: bool, prefixes: Iterable[str]) -> list[str]:
+    """Delete the keys of these prefixes; returns them."""
+    if keys := _keys_of(url, cluster, prefixes):
+        client = _sync_valkey(url, cluster)
+        try:
+            client.delete(*keys)
+        finally:
+            client.close()
+    return keys
+
+
+def _check_no_keys_left(config: pytest.Config, url: str, cluster: bool) -> None:
+    """At the end of the run: fail it if a prefix this run made still has keys here (and
+    delete them, so the shared Valkey does not keep them)."""
+    left = _delete_keys(url, cluster, config.stash.get(_PREFIXES, set()))
+    where = "the Valkey Cluster" if cluster else url
+    assert not left, (
+        f"{len(left)} keys of this run's test prefixes left in {where} (a test bypassed the "
+        f"`settings` fixture's cleanup, or a server outlived its test): {left[:20]}"
+    )
+
+
 @pytest.fixture(scope="session")
-def shared_valkey_url(store_dir: Path) -> Iterator[str]:
+def shared_valkey_url(pytestconfig: pytest.Config, store_dir: Path) -> Iterator[str]:
     if url := os.environ.get("TEST_VALKEY_URL"):
         yield url
+        _check_no_keys_left(pytestconfig, url, cluster=False)
         return
     if _answers("127.0.0.1", 6379):
-        yield "redis://127.0.0.1:6379/0"
+        url = "redis://127.0.0.1:6379/0"
+        yield url
+        _check_no_keys_left(pytestconfig, url, cluster=False)
         return
     from availability import local_stores
 
     local = local_stores.start_valkey(store_dir / "valkey")
     try:
         yield local.url
+        _check_no_keys_left(pytestconfig, local.url, cluster=False)
     finally:
         local.stop()
 
 
 @pytest.fixture(scope="session")
-def shared_cluster(store_dir: Path) -> Iterator[LocalValkeyCluster]:
+def shared_cluster(pytestconfig: pytest.Config, store_dir: Path) -> Iterator[LocalValkeyCluster]:
     from availability import local_stores
 
     cluster = local_stores.start_valkey_cluster(store_dir / "cluster")
     try:
         yield cluster
+        _check_no_keys_left(pytestconfig, cluster.url, cluster=True)
     finally:
         cluster.stop()
 
@@ -150,18 +212,24 @@ def shared_cluster(store_dir: Path) -> Iterator[LocalValkeyCluster]:
 @pytest.fixture
 def settings(
     request: pytest.FixtureRequest, database_url: str, shared_valkey_url: str, valkey_mode: str
-) -> Settings:
+) -> Iterator[Settings]:
+    """The test's deployment settings, under a key prefix of its own whose keys are deleted
+    after the test (servers the test started are stopped by then: they depend on this)."""
     cluster = valkey_mode == "cluster"
-    return Settings(
+    url = request.getfixturevalue("shared_cluster").url if cluster else shared_valkey_url
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    request.config.stash.setdefault(_PREFIXES, set()).add(prefix)
+    yield Settings(
         database_url=database_url,
-        valkey_url=request.getfixturevalue("shared_cluster").url if cluster else shared_valkey_url,
+        valkey_url=url,
         valkey_cluster=cluster,
         grpc_address="127.0.0.1:0",
-        valkey_key_prefix=f"test-{uuid.uuid4().hex[:12]}",
+        valkey_key_prefix=prefix,
         migrate_on_start=False,
         valkey_timeout_seconds=1.0,
         metrics_address="127.0.0.1:0",
     )
+    _delete_keys(url, cluster, [prefix])
 
 
 @pytest.fixture
@@ -188,9 +256,6 @@ async def valkey(settings: Settings) -> AsyncIterator[redis.Redis]:
     try:
         yield client
     finally:
-        keys = [k async for k in client.scan_iter(match="{" + settings.valkey_key_prefix + "}*")]
-        if keys:
-            await client.delete(*keys)
         await client.aclose()
 
 

@@ -12,21 +12,24 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as redis
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from availability.local_stores import LocalValkey
 from availability.logs import JsonFormatter, TextFormatter
+from availability.mirror import Keys
 from availability.server import Server, running
 from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet
+from .helpers import Fleet, notified
 
 SERVICE = "availability.v1.AvailabilityService"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -110,6 +113,16 @@ async def test_lines_logged_inside_a_call_carry_its_request_id(
     server_on_own_valkey: Server, own_valkey: LocalValkey, fleet: Fleet, logged: Lines
 ) -> None:
     mitra = str(await fleet.mitra())
+    # The new mitra reaches the mirror first, so the only mirror write that fails is the call's.
+    direct = redis.Redis(port=own_valkey.port)
+    try:
+        await notified(
+            direct,
+            Keys.for_prefix(server_on_own_valkey.settings.valkey_key_prefix),
+            uuid.UUID(mitra),
+        )
+    finally:
+        await direct.aclose()
     own_valkey.stop()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server_on_own_valkey.port}") as channel:
         await pb_grpc.AvailabilityServiceStub(channel).SetOnline(
@@ -205,6 +218,67 @@ def test_the_served_process_writes_json_lines(settings: Settings, tmp_path: Path
     (counted,) = [line for line in lines if line.get("request_id") == "from-test"]
     assert counted["method"] == f"/{SERVICE}/CountAvailableMitras" and counted["code"] == "OK"
     assert lines[-1]["message"] == "stopped"
+
+
+def test_opentelemetry_instrument_prints_the_calls_spans_to_the_console(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """README: Logs and traces, as on-call runs it with the `otel` extra's packages."""
+    from .test_process import _free_port, _wait_serving
+
+    address = f"127.0.0.1:{_free_port()}"
+    spans, log = tmp_path / "spans.txt", tmp_path / "server.log"
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "VALKEY_URL": settings.valkey_url,
+        "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
+        "GRPC_ADDRESS": address,
+        "METRICS_ADDRESS": "",
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_SERVICE_NAME": "availability",
+        "LOG_LEVEL": "DEBUG",
+    }
+    with spans.open("w") as out, log.open("w") as err:
+        process = subprocess.Popen(
+            [str(bin_dir / "opentelemetry-instrument"), str(bin_dir / "availability"), "serve"],
+            env=env,
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        _wait_serving(address, process, log)  # type: ignore[arg-type]
+        with grpc.insecure_channel(address) as channel:
+            pb_grpc.AvailabilityServiceStub(channel).CountAvailableMitras(
+                pb.CountAvailableMitrasRequest(), metadata=(("traceparent", TRACEPARENT),)
+            )
+    finally:
+        process.terminate()
+        process.wait(30)
+
+    printed = _json_objects(spans.read_text())
+    (span,) = [s for s in printed if s["name"] == f"{SERVICE}/CountAvailableMitras"]
+    assert span["context"]["trace_id"] == f"0x{TRACE_ID}"
+    assert span["parent_id"] == f"0x{CALLER_SPAN}" and span["kind"] == "SpanKind.SERVER"
+    assert span["attributes"]["rpc.grpc.status_code"] == 0
+    assert span["resource"]["attributes"]["service.name"] == "availability"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    (call,) = [line for line in lines if line.get("method") == f"/{SERVICE}/CountAvailableMitras"]
+    assert call["trace_id"] == TRACE_ID
+    assert call["span_id"] == span["context"]["span_id"].removeprefix("0x")
+
+
+def _json_objects(text: str) -> list[dict[str, Any]]:
+    """The console exporter's output: indented JSON objects one after another."""
+    decoder, found, rest = json.JSONDecoder(), [], text.strip()
+    while rest:
+        value, end = decoder.raw_decode(rest)
+        found.append(value)
+        rest = rest[end:].lstrip()
+    return found
 
 
 async def test_an_outage_logs_a_line_a_second_not_a_line_a_call(

@@ -97,3 +97,26 @@ async def test_fallbacks_are_counted_by_path_when_valkey_is_down(
 
     assert samples[("availability_fallbacks_total", (("path", "find_available"),))] >= 1
     assert samples[("availability_valkey_write_errors_total", (("path", "set_offline"),))] >= 1
+    assert series(samples, "availability_mirror_misses_total") == {}
+
+
+async def test_an_id_the_mirror_does_not_know_is_a_miss_not_a_fallback(
+    server: Server, stub: Stub
+) -> None:
+    unknown = str(uuid.uuid4())
+    looked_up = await code_of(stub.GetMitraStatus(pb.GetMitraStatusRequest(mitra_id=unknown)))
+    beat = await code_of(stub.Heartbeat(pb.HeartbeatRequest(mitra_id=unknown)))
+
+    samples = await scrape(server)
+
+    assert looked_up == beat == grpc.StatusCode.NOT_FOUND
+    assert series(samples, "availability_mirror_misses_total") == {
+        (("path", "heartbeat"),): 1,
+        (("path", "status"),): 1,
+    }
+    assert series(samples, "availability_fallbacks_total") == {}, "Valkey did not fail"
+    assert series(samples, "availability_mirror_untrusted_reads_total") == {}
+
+
+def series(samples: Samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {labels: value for (sample, labels), value in samples.items() if sample == name}

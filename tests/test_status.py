@@ -7,11 +7,13 @@ import asyncio
 import json
 import os
 import sys
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import redis.asyncio as redis
 
 from availability.local_stores import LocalValkey
@@ -20,9 +22,13 @@ from availability.server import Server, running
 from availability.settings import Settings
 from availability.status import gather, render
 from availability.sweeps import AUTO_OFFLINE, RECONCILE, SWEEPS
+from availability.v1 import availability_pb2 as pb
+from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, eventually, notified
+from .helpers import Fleet, code_of, eventually, notified
 from .test_sweeps import make_stale, sweeps_of, tick
+
+Stub = pb_grpc.AvailabilityServiceStub
 
 
 async def status_of(server: Server) -> dict[str, Any]:
@@ -86,6 +92,59 @@ async def test_a_lost_valkey_is_degraded_and_points_at_the_runbook(
         return (await status_of(server_on_own_valkey))["server"]["source"] == "DATABASE"
 
     await eventually(from_postgres)
+
+
+async def test_lookups_of_ids_the_mirror_does_not_know_leave_a_healthy_deployment_ok(
+    server: Server, stub: Stub
+) -> None:
+    for _ in range(3):
+        request = pb.GetMitraStatusRequest(mitra_id=str(uuid.uuid4()))
+        assert await code_of(stub.GetMitraStatus(request)) == grpc.StatusCode.NOT_FOUND
+    owner = sweeps_of(server).owner
+
+    async def counted() -> dict[str, Any] | None:
+        report = await status_of(server)
+        return report if report["instances"].get(owner, {}).get("mirror_misses") == 3 else None
+
+    report = await eventually(counted, timeout=10)
+
+    assert report["ok"] and report["problems"] == [], report["problems"]
+    instance = report["instances"][owner]
+    assert instance["fallbacks"] == instance["recent_fallbacks"] == 0
+    assert "fallbacks 0 (0 recent)  misses 3" in render(report)
+
+
+async def test_fallbacks_because_valkey_failed_are_a_note_then_a_problem_until_they_stop(
+    server_on_own_valkey: Server, stub_own: Stub, own_valkey: LocalValkey
+) -> None:
+    server = server_on_own_valkey
+    await reported(server)
+    owner = sweeps_of(server).owner
+
+    async def outage(reads: int) -> None:
+        own_valkey.stop()
+        for _ in range(reads):
+            await stub_own.FindAvailableMitras(pb.FindAvailableMitrasRequest())
+        own_valkey.start()
+
+    async def fell_back(among: str, named: bool) -> dict[str, Any] | None:
+        report = await status_of(server)
+        found = any("fell back to Postgres" in line for line in report[among])
+        return report if found == named and owner in report["instances"] else None
+
+    await outage(1)
+    blip = await eventually(lambda: fell_back("notes", True), timeout=10)
+    assert not any("fell back" in p for p in blip["problems"]), "one timeout is a blip"
+
+    await outage(5)
+    report = await eventually(lambda: fell_back("problems", True), timeout=10)
+
+    instance = report["instances"][owner]
+    assert instance["recent_fallbacks"] >= 5 and instance["mirror_misses"] == 0
+    (problem,) = [p for p in report["problems"] if "fell back" in p]
+    assert problem.startswith(f"instance {owner}: ") and "Runbook: Valkey lost" in problem
+    calm = await eventually(lambda: fell_back("problems", False), timeout=20)
+    assert calm["instances"][owner]["fallbacks"] == instance["fallbacks"], "the total stays"
 
 
 async def test_drift_between_the_stores_is_a_problem(

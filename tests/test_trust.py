@@ -169,6 +169,10 @@ async def test_flushall_sends_every_read_to_postgres_until_the_reseed(
             await direct.flushall()
             during = await stub_own.FindAvailableMitras(pb.FindAvailableMitrasRequest())
             assert during.source == pb.SOURCE_DATABASE, "no marker: Postgres at once"
+            assert server_on_own_valkey.availability is not None
+            counters = server_on_own_valkey.availability.counters
+            assert counters.untrusted_reads["find_available"] >= 1
+            assert counters.fallbacks == {}, "an unseeded mirror is not a Valkey failure"
             assert {m.mitra_id for m in during.mitras} == {str(m) for m in mitras[1:]}
             await eventually(lambda: from_cache(stub_own), timeout=10)
         assert reads.violations == []
