@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_OUT := availability/v1
 PROTOS := $(wildcard protos/availability/v1/*.proto)
 
-.PHONY: run test lint protos check-protos install clean bench bench-quick chaos chaos-cluster
+.PHONY: run reset test lint protos check-protos install clean bench bench-quick chaos chaos-cluster
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/availability dev
+
+# make run from a fresh demo: empties the demo database's tables and the mirror's keys first.
+reset: $(STAMP)
+	$(BIN)/availability dev --reset
 
 # Regenerate the committed Python code and typed stubs from protos/.
 protos: $(STAMP)
@@ -40,9 +44,9 @@ check-protos: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/buf lint
-	$(BIN)/ruff check availability tests bench
-	$(BIN)/ruff format --check availability tests bench
-	$(BIN)/mypy availability
+	$(BIN)/ruff check availability tests bench examples
+	$(BIN)/ruff format --check availability tests bench examples
+	$(BIN)/mypy availability examples
 
 test: lint check-protos
 	$(BIN)/python -m pytest
