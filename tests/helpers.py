@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ import redis.asyncio as redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from availability.mirror import Keys
+from availability.server import Server
 
 T = TypeVar("T")
 
@@ -153,3 +155,16 @@ async def scrape_metrics(port: int) -> Samples:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def server_env(server: Server, **extra: str) -> dict[str, str]:
+    """The environment of a command run next to this server (`availability status`, ...)."""
+    settings = server.settings
+    return {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "VALKEY_URL": settings.valkey_url,
+        "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
+        "GRPC_ADDRESS": f"127.0.0.1:{server.port}",
+        **extra,
+    }

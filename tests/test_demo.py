@@ -26,7 +26,7 @@ from availability.server import Server
 from availability.settings import Settings
 from availability.status import gather
 
-from .helpers import eventually, scrape_metrics
+from .helpers import eventually, scrape_metrics, server_env
 
 # Ten times the default pace: staleness 9 s (the traffic scales with it: heartbeats every
 # 1.5-3 s, 15 chats a second), auto-offline every 3 s. Valkey's timeout as the `settings`
@@ -194,16 +194,9 @@ async def test_make_run_keeps_the_demo_fleet_alive_and_status_ok(
 async def test_demo_live_brings_a_dead_fleet_back_and_drives_a_running_server(
     server: Server, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    settings = server.settings
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "VALKEY_URL": settings.valkey_url,
-        "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
-        "GRPC_ADDRESS": f"127.0.0.1:{server.port}",
-        "LOG_FORMAT": "text",
-        "HEARTBEAT_STALE_SECONDS": FAST["HEARTBEAT_STALE_SECONDS"],
-    }
+    env = server_env(
+        server, LOG_FORMAT="text", HEARTBEAT_STALE_SECONDS=FAST["HEARTBEAT_STALE_SECONDS"]
+    )
     log = tmp_path / "demo.log"
     # An empty database: the fleet is loaded, all offline, as after a stop longer than the
     # staleness with no traffic: the traffic brings 60 % of the active online at once.

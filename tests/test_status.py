@@ -25,7 +25,7 @@ from availability.sweeps import AUTO_OFFLINE, RECONCILE, SWEEPS
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, code_of, eventually, notified
+from .helpers import Fleet, code_of, eventually, notified, server_env
 from .test_sweeps import make_stale, sweeps_of, tick
 
 Stub = pb_grpc.AvailabilityServiceStub
@@ -185,14 +185,7 @@ async def test_a_tripped_mass_stale_guard_is_a_problem(
 
 
 async def test_the_command_prints_and_exits_by_health(server: Server, tmp_path: Path) -> None:
-    settings = server.settings
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "VALKEY_URL": settings.valkey_url,
-        "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
-        "GRPC_ADDRESS": f"127.0.0.1:{server.port}",
-    }
+    env = server_env(server)
     await reported(server)
     for sweep in SWEEPS:
         await tick(server, sweep)

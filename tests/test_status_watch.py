@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import re
 import signal
 import sys
@@ -16,7 +15,7 @@ from uuid import UUID
 from availability.client import AvailabilityClient
 from availability.server import Server
 
-from .helpers import Fleet
+from .helpers import Fleet, server_env
 from .test_status import reported
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -28,14 +27,7 @@ async def test_the_watch_redraws_every_second_with_moving_counts_and_rates(
 ) -> None:
     mitras = [await fleet.mitra(f"Mitra {i}") for i in range(10)]
     await reported(server)
-    settings = server.settings
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "VALKEY_URL": settings.valkey_url,
-        "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
-        "GRPC_ADDRESS": f"127.0.0.1:{server.port}",
-    }
+    env = server_env(server)
 
     async def busy(client: AvailabilityClient) -> None:
         """Every 0.3 s a mitra goes online, seven times, then offline, seven times, and
