@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from availability.mirror import Keys
 from availability.server import Server
+from availability.settings import Settings
 
 T = TypeVar("T")
 
@@ -157,14 +158,19 @@ async def scrape_metrics(port: int) -> Samples:
     return samples
 
 
-def server_env(server: Server, **extra: str) -> dict[str, str]:
-    """The environment of a command run next to this server (`availability status`, ...)."""
-    settings = server.settings
+def store_env(settings: Settings, address: str, **extra: str) -> dict[str, str]:
+    """The environment of an `availability` process on these stores, serving (or asking)
+    address; extra settings by name."""
     return {
         **os.environ,
         "DATABASE_URL": settings.database_url,
         "VALKEY_URL": settings.valkey_url,
         "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
-        "GRPC_ADDRESS": f"127.0.0.1:{server.port}",
+        "GRPC_ADDRESS": address,
         **extra,
     }
+
+
+def server_env(server: Server, **extra: str) -> dict[str, str]:
+    """The environment of a command run next to this server (`availability status`, ...)."""
+    return store_env(server.settings, f"127.0.0.1:{server.port}", **extra)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import signal
 import sys
@@ -26,7 +25,7 @@ from availability.server import Server
 from availability.settings import Settings
 from availability.status import gather
 
-from .helpers import eventually, scrape_metrics, server_env
+from .helpers import eventually, scrape_metrics, server_env, store_env
 
 # Ten times the default pace: staleness 9 s (the traffic scales with it: heartbeats every
 # 1.5-3 s, 15 chats a second), auto-offline every 3 s. Valkey's timeout as the `settings`
@@ -100,16 +99,13 @@ async def test_make_run_keeps_the_demo_fleet_alive_and_status_ok(
         "INSERT INTO mitras (display_name) VALUES ('Left Over') RETURNING id"
     )
     await valkey.set("{" + settings.valkey_key_prefix + "}:left-over", "1")
-    env = {
-        **os.environ,
+    env = store_env(
+        settings,
+        address,
         **FAST,
-        "DATABASE_URL": settings.database_url,
-        "VALKEY_URL": settings.valkey_url,
-        "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
-        "GRPC_ADDRESS": address,
-        "METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
-        "LOG_FORMAT": "text",
-    }
+        METRICS_ADDRESS=f"127.0.0.1:{metrics_port}",
+        LOG_FORMAT="text",
+    )
     log, data = tmp_path / "dev.log", tmp_path / ".data"
     args = ["dev", "--reset", "--data-dir", str(data), "--demo-mitras", "200"]
     async with _started(args, env, log) as process, AvailabilityClient(address) as client:

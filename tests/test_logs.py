@@ -29,7 +29,7 @@ from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, notified
+from .helpers import Fleet, notified, store_env
 
 SERVICE = "availability.v1.AvailabilityService"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -191,15 +191,7 @@ def test_the_served_process_writes_json_lines(settings: Settings, tmp_path: Path
 
     address = f"127.0.0.1:{_free_port()}"
     log = tmp_path / "server.log"
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "VALKEY_URL": settings.valkey_url,
-        "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
-        "GRPC_ADDRESS": address,
-        "METRICS_ADDRESS": "",
-        "LOG_LEVEL": "DEBUG",
-    }
+    env = store_env(settings, address, METRICS_ADDRESS="", LOG_LEVEL="DEBUG")
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "availability", "serve"], env=env, stderr=out, stdout=out
@@ -229,19 +221,16 @@ def test_opentelemetry_instrument_prints_the_calls_spans_to_the_console(
     address = f"127.0.0.1:{_free_port()}"
     spans, log = tmp_path / "spans.txt", tmp_path / "server.log"
     bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "VALKEY_URL": settings.valkey_url,
-        "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
-        "GRPC_ADDRESS": address,
-        "METRICS_ADDRESS": "",
-        "OTEL_TRACES_EXPORTER": "console",
-        "OTEL_METRICS_EXPORTER": "none",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_SERVICE_NAME": "availability",
-        "LOG_LEVEL": "DEBUG",
-    }
+    env = store_env(
+        settings,
+        address,
+        METRICS_ADDRESS="",
+        OTEL_TRACES_EXPORTER="console",
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+        OTEL_SERVICE_NAME="availability",
+        LOG_LEVEL="DEBUG",
+    )
     with spans.open("w") as out, log.open("w") as err:
         process = subprocess.Popen(
             [str(bin_dir / "opentelemetry-instrument"), str(bin_dir / "availability"), "serve"],

@@ -18,6 +18,8 @@ from pathlib import Path
 from availability.local_stores import free_port
 from availability.settings import Settings
 
+from .helpers import store_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SHELL = {"sh", "bash", "console"}
 NOT_RUN = re.compile(r"<!-- not run: (\S.*) -->")
@@ -78,15 +80,7 @@ def _start_dev(
     settings: Settings, data: Path, log: Path
 ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     address, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "VALKEY_URL": settings.valkey_url,
-        "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
-        "GRPC_ADDRESS": address,
-        "METRICS_ADDRESS": metrics,
-        "LOG_FORMAT": "text",
-    }
+    env = store_env(settings, address, METRICS_ADDRESS=metrics, LOG_FORMAT="text")
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "availability", "dev", "--reset", "--data-dir", str(data)],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet
+from .helpers import Fleet, store_env
 from .test_process import Served, _wait_serving
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -44,15 +43,7 @@ def launch(settings: Settings, tmp_path: Path) -> Iterator[Launch]:
         log = tmp_path / f"availability-{len(started)}.log"
         process = subprocess.Popen(
             [sys.executable, "-m", "availability", *args],
-            env={
-                **os.environ,
-                "DATABASE_URL": settings.database_url,
-                "VALKEY_URL": settings.valkey_url,
-                "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
-                "GRPC_ADDRESS": address,
-                "METRICS_ADDRESS": "127.0.0.1:0",
-                **env,
-            },
+            env=store_env(settings, address, METRICS_ADDRESS="127.0.0.1:0", **env),
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
             text=True,
