@@ -324,6 +324,113 @@ class HeartbeatResponse(_message.Message):
 Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
 
 @_typing.final
+class BatchHeartbeatRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MITRA_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mitra_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most 5,000 ids; the same id twice is recorded once and answered twice."""
+
+    def __init__(
+        self,
+        *,
+        mitra_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mitra_ids", b"mitra_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchHeartbeatRequest: _TypeAlias = BatchHeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class BatchHeartbeatResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeartbeatResult]:
+        """One per requested id, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___HeartbeatResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchHeartbeatResponse: _TypeAlias = BatchHeartbeatResponse  # noqa: Y015
+
+@_typing.final
+class HeartbeatResult(_message.Message):
+    """What became of one heartbeat of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Outcome:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[HeartbeatResult._Outcome.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        OUTCOME_UNSPECIFIED: HeartbeatResult._Outcome.ValueType  # 0
+        OUTCOME_RECORDED: HeartbeatResult._Outcome.ValueType  # 1
+        """Recorded: the mitra is online."""
+        OUTCOME_OFFLINE: HeartbeatResult._Outcome.ValueType  # 2
+        """Not recorded: the mitra is offline and must call SetOnline again."""
+        OUTCOME_DEACTIVATED: HeartbeatResult._Outcome.ValueType  # 3
+        """Refused: the mitra is deactivated."""
+        OUTCOME_NOT_FOUND: HeartbeatResult._Outcome.ValueType  # 4
+        """No such mitra."""
+        OUTCOME_INVALID_ID: HeartbeatResult._Outcome.ValueType  # 5
+        """Not a UUID."""
+
+    class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
+        """What a unary Heartbeat would have answered: it maps to OK (online true or
+        false), PERMISSION_DENIED, NOT_FOUND or INVALID_ARGUMENT.
+        """
+
+    OUTCOME_UNSPECIFIED: HeartbeatResult.Outcome.ValueType  # 0
+    OUTCOME_RECORDED: HeartbeatResult.Outcome.ValueType  # 1
+    """Recorded: the mitra is online."""
+    OUTCOME_OFFLINE: HeartbeatResult.Outcome.ValueType  # 2
+    """Not recorded: the mitra is offline and must call SetOnline again."""
+    OUTCOME_DEACTIVATED: HeartbeatResult.Outcome.ValueType  # 3
+    """Refused: the mitra is deactivated."""
+    OUTCOME_NOT_FOUND: HeartbeatResult.Outcome.ValueType  # 4
+    """No such mitra."""
+    OUTCOME_INVALID_ID: HeartbeatResult.Outcome.ValueType  # 5
+    """Not a UUID."""
+
+    MITRA_ID_FIELD_NUMBER: _builtins.int
+    ONLINE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    mitra_id: _builtins.str
+    online: _builtins.bool
+    """true only for OUTCOME_RECORDED."""
+    outcome: Global___HeartbeatResult.Outcome.ValueType
+    def __init__(
+        self,
+        *,
+        mitra_id: _builtins.str = ...,
+        online: _builtins.bool = ...,
+        outcome: Global___HeartbeatResult.Outcome.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mitra_id", b"mitra_id", "online", b"online", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatResult: _TypeAlias = HeartbeatResult  # noqa: Y015
+
+@_typing.final
 class SetMitraActiveRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

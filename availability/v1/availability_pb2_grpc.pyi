@@ -63,6 +63,11 @@ class AvailabilityServiceStub:
     a fresh snapshot when they are no longer retained. The stream ends with
     UNAVAILABLE when the Valkey mirror is lost or the server shuts down: resume.
     """
+    BatchHeartbeat: _grpc.UnaryUnaryMultiCallable[_availability_pb2.BatchHeartbeatRequest, _availability_pb2.BatchHeartbeatResponse]
+    """Many apps' heartbeats in one call (up to 5,000 ids): one result per id, in
+    request order. A bad, unknown or deactivated id never fails the call; its
+    result says so. The way past gRPC's per-call cost on the hot path.
+    """
 
 @_typing.type_check_only
 class AvailabilityServiceAsyncStub(AvailabilityServiceStub):
@@ -98,6 +103,11 @@ class AvailabilityServiceAsyncStub(AvailabilityServiceStub):
     set to the last revision received to get the changes missed meanwhile, or
     a fresh snapshot when they are no longer retained. The stream ends with
     UNAVAILABLE when the Valkey mirror is lost or the server shuts down: resume.
+    """
+    BatchHeartbeat: _aio.UnaryUnaryMultiCallable[_availability_pb2.BatchHeartbeatRequest, _availability_pb2.BatchHeartbeatResponse]  # type: ignore[assignment]
+    """Many apps' heartbeats in one call (up to 5,000 ids): one result per id, in
+    request order. A bad, unknown or deactivated id never fails the call; its
+    result says so. The way past gRPC's per-call cost on the hot path.
     """
 
 class AvailabilityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -191,6 +201,17 @@ class AvailabilityServiceServicer(metaclass=_abc_1.ABCMeta):
         set to the last revision received to get the changes missed meanwhile, or
         a fresh snapshot when they are no longer retained. The stream ends with
         UNAVAILABLE when the Valkey mirror is lost or the server shuts down: resume.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchHeartbeat(
+        self,
+        request: _availability_pb2.BatchHeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_availability_pb2.BatchHeartbeatResponse, _abc.Awaitable[_availability_pb2.BatchHeartbeatResponse]]:
+        """Many apps' heartbeats in one call (up to 5,000 ids): one result per id, in
+        request order. A bad, unknown or deactivated id never fails the call; its
+        result says so. The way past gRPC's per-call cost on the hot path.
         """
 
 def add_AvailabilityServiceServicer_to_server(servicer: AvailabilityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
