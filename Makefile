@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 PROTO_OUT := availability/v1
 PROTOS := $(wildcard protos/availability/v1/*.proto)
 
-.PHONY: run reset test lint protos check-protos install clean bench bench-quick chaos chaos-cluster
+NODE_CLIENT := clients/node
+NODE_STAMP := $(NODE_CLIENT)/node_modules/.installed
+
+.PHONY: run reset test test-node lint protos check-protos install clean bench bench-quick chaos chaos-cluster
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +51,17 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check availability tests bench examples
 	$(BIN)/mypy availability examples
 
-test: lint check-protos
+test: lint check-protos test-node
 	$(BIN)/python -m pytest
+
+$(NODE_STAMP): $(NODE_CLIENT)/package-lock.json
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+# The Node.js client (clients/node): code generated from protos/ with the venv's protoc,
+# compiled with tsc --strict, and its tests (node --test) against a real `availability serve`.
+test-node: $(STAMP) $(NODE_STAMP)
+	cd $(NODE_CLIENT) && npm run --silent build && npm test
 
 # Figures next to the seed's methods, written to bench/RESULTS.md and bench/latency.png.
 bench: $(STAMP)
@@ -70,4 +82,4 @@ chaos-cluster: $(STAMP)
 	$(BIN)/python -m bench.chaos --cluster
 
 clean:
-	rm -rf $(VENV) build .data
+	rm -rf $(VENV) build .data $(NODE_CLIENT)/node_modules $(NODE_CLIENT)/dist $(NODE_CLIENT)/src/gen
