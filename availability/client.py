@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 from uuid import UUID
 
 import grpc
@@ -105,9 +105,18 @@ class AvailabilityClient:
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        heartbeat_window: float = 0.002,
+        heartbeat_batch: int = 500,
     ) -> None:
         """token: one of the server's AUTH_TOKENS, sent as a bearer token. credentials: for
-        TLS, e.g. grpc.ssl_channel_credentials(ca, client_key, client_chain) for mutual TLS."""
+        TLS, e.g. grpc.ssl_channel_credentials(ca, client_key, client_chain) for mutual TLS.
+        heartbeat_window (seconds) and heartbeat_batch: concurrent heartbeat() calls within
+        the window, up to heartbeat_batch ids, go as one BatchHeartbeat; 0 sends each alone."""
+        if heartbeat_window < 0 or not 1 <= heartbeat_batch <= convert.MAX_BATCH_HEARTBEATS:
+            raise ValueError(
+                "heartbeat_window must be >= 0 and heartbeat_batch 1 to "
+                f"{convert.MAX_BATCH_HEARTBEATS}, got {heartbeat_window} and {heartbeat_batch}"
+            )
         options = [
             ("grpc.service_config", service_config(timeout, attempts)),
             ("grpc.enable_retries", 1),
@@ -121,6 +130,11 @@ class AvailabilityClient:
             self._metadata += (("authorization", f"Bearer {token}"),)
         self._stub = pb_grpc.AvailabilityServiceStub(self._channel)
         self._dashboard = dashboard_pb_grpc.DashboardServiceStub(self._channel)
+        self._heartbeats = (
+            _Heartbeats(self._stub, self._metadata, heartbeat_window, heartbeat_batch)
+            if heartbeat_window
+            else None
+        )
 
     async def __aenter__(self) -> AvailabilityClient:
         return self
@@ -134,6 +148,8 @@ class AvailabilityClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._heartbeats is not None:
+            await self._heartbeats.flush()
         await self._channel.close(grace=None)
 
     async def health(self, service: str = "") -> str:
@@ -153,9 +169,18 @@ class AvailabilityClient:
         return _status((await self._stub.SetOffline(request, metadata=self._metadata)).status)
 
     async def heartbeat(self, mitra_id: UUID | str) -> bool:
-        """False: the mitra was taken offline; its app must call set_online again."""
+        """False: the mitra was taken offline; its app must call set_online again. Sent with
+        the other heartbeats of the window in one BatchHeartbeat; the answer and the error
+        (PERMISSION_DENIED for a deactivated mitra) are what a lone Heartbeat would give."""
+        if self._heartbeats is not None:
+            return await self._heartbeats.beat(str(mitra_id))
         request = pb.HeartbeatRequest(mitra_id=str(mitra_id))
         return (await self._stub.Heartbeat(request, metadata=self._metadata)).online
+
+    async def batch_heartbeat(self, mitra_ids: Iterable[UUID | str]) -> list[pb.HeartbeatResult]:
+        """One BatchHeartbeat: a result an id, in order (a relay that batches by itself)."""
+        request = pb.BatchHeartbeatRequest(mitra_ids=[str(m) for m in mitra_ids])
+        return list((await self._stub.BatchHeartbeat(request, metadata=self._metadata)).results)
 
     async def set_mitra_active(self, mitra_id: UUID | str, active: bool) -> tuple[MitraStatus, int]:
         """(status, auth sessions revoked)."""
@@ -218,6 +243,129 @@ class AvailabilityClient:
         """The live set of available mitras; iterate it to keep it current (and to see each
         change). It resumes by revision on its own after any interruption."""
         return LiveAvailability(self._stub, self._metadata)
+
+
+_Result = pb.HeartbeatResult
+_REFUSED = {
+    _Result.OUTCOME_DEACTIVATED: (grpc.StatusCode.PERMISSION_DENIED, "mitra {} is deactivated"),
+    _Result.OUTCOME_NOT_FOUND: (grpc.StatusCode.NOT_FOUND, "mitra {} not found"),
+}
+
+
+class _Heartbeats:
+    """Coalesces concurrent heartbeats: the first of a window starts a timer, and the window's
+    ids (at most `batch`) go as one BatchHeartbeat, one gRPC call instead of hundreds. A
+    server without BatchHeartbeat (an older one, mid-rollout) gets unary calls instead."""
+
+    def __init__(
+        self,
+        stub: AvailabilityServiceAsyncStub,
+        metadata: tuple[tuple[str, str], ...],
+        window: float,
+        batch: int,
+    ) -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._window = window
+        self._batch = batch
+        self._waiting: list[tuple[str, asyncio.Future[bool]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self._unary = False
+        self.calls = 0
+        """BatchHeartbeat calls sent (fewer than heartbeats under load)."""
+
+    async def beat(self, mitra_id: str) -> bool:
+        if self._unary:
+            request = pb.HeartbeatRequest(mitra_id=mitra_id)
+            return (await self._stub.Heartbeat(request, metadata=self._metadata)).online
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._waiting.append((mitra_id, future))
+        if len(self._waiting) >= self._batch:
+            self._send()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._window, self._send)
+        return await future
+
+    async def flush(self) -> None:
+        """Send what waits now and wait for every batch in flight (before closing)."""
+        if self._waiting:
+            self._send()
+        if self._sending:
+            await asyncio.wait(self._sending)
+
+    def _send(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting, self._waiting = self._waiting, []
+        task = asyncio.create_task(self._answer(waiting))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _answer(self, waiting: list[tuple[str, asyncio.Future[bool]]]) -> None:
+        request = pb.BatchHeartbeatRequest(mitra_ids=[mitra_id for mitra_id, _ in waiting])
+        self.calls += 1
+        try:
+            reply = await self._stub.BatchHeartbeat(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._unary = True
+                await asyncio.gather(*(self._alone(m, f) for m, f in waiting))
+                return
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(_copy(exc))
+            return
+        except BaseException as exc:  # cancelled with the loop, or a bug: no waiter hangs
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for (mitra_id, future), result in zip(waiting, reply.results, strict=True):
+            if future.done():
+                continue
+            if result.outcome in (_Result.OUTCOME_RECORDED, _Result.OUTCOME_OFFLINE):
+                future.set_result(result.online)
+            elif result.outcome in _REFUSED:
+                code, details = _REFUSED[result.outcome]
+                future.set_exception(_error(code, details.format(mitra_id)))
+            elif not mitra_id:
+                future.set_exception(_error(grpc.StatusCode.INVALID_ARGUMENT, "mitra_id: required"))
+            else:
+                future.set_exception(
+                    _error(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"mitra_id: must be a UUID, got {mitra_id[:64]!r}",
+                    )
+                )
+
+    async def _alone(self, mitra_id: str, future: asyncio.Future[bool]) -> None:
+        request = pb.HeartbeatRequest(mitra_id=mitra_id)
+        try:
+            online = (await self._stub.Heartbeat(request, metadata=self._metadata)).online
+        except grpc.aio.AioRpcError as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(online)
+
+
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+
+
+def _copy(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """One error a waiter: each raise adds its own traceback."""
+    return grpc.aio.AioRpcError(
+        exc.code(),
+        exc.initial_metadata(),
+        cast(grpc.aio.Metadata, exc.trailing_metadata()),  # a Metadata at run time
+        exc.details(),
+        exc.debug_error_string(),
+    )
 
 
 class LiveAvailability:

@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -413,7 +414,7 @@ class Mirror:
         """How many times this instance found the data set replaced and dropped the marker."""
         self.deferred = 0
         """Mitras whose mirror write this instance left to another layout's owner."""
-        self._beats: list[tuple[str, asyncio.Future[int]]] = []
+        self._beats: deque[tuple[list[str], asyncio.Future[list[int]]]] = deque()
         self._beating = False
         self._sender: asyncio.Task[None] | None = None
         self._beat_connection: Connection | None = None
@@ -567,32 +568,50 @@ class Mirror:
         """Drop the requests a resync that read Postgres after `taken_at` answered."""
         await self._run(self._resync, "release", taken_at, *map(str, mitra_ids))
 
-    async def heartbeat(self, mitra_id: UUID) -> HeartbeatOutcome:
-        """Group commit: while one script call is in flight, the heartbeats that arrive wait
-        and go together in the next. Alone, a heartbeat goes at once; under load the Redis
-        client's cost per call (a third of a heartbeat's CPU) is shared by the batch."""
+    async def heartbeats(self, mitra_ids: Sequence[UUID]) -> list[HeartbeatOutcome]:
+        """One outcome an id, in order. Group commit: while one script call is in flight, the
+        heartbeats that arrive (single ones and batches) wait and go together in the next.
+        Alone, they go at once; under load the Redis client's cost per call (a third of a
+        single heartbeat's CPU) is shared by the batch. No script call carries more than
+        _HEARTBEAT_BATCH ids, so no call holds Valkey's one thread for long."""
+        ids = [str(i) for i in mitra_ids]
+        if len(ids) <= _HEARTBEAT_BATCH:
+            return await self._group_beat(ids)
+        parts = await asyncio.gather(
+            *(
+                self._group_beat(ids[at : at + _HEARTBEAT_BATCH])
+                for at in range(0, len(ids), _HEARTBEAT_BATCH)
+            )
+        )
+        return [outcome for part in parts for outcome in part]
+
+    async def _group_beat(self, ids: list[str]) -> list[HeartbeatOutcome]:
         if self._beating:
-            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._beats.append((str(mitra_id), future))
-            return HeartbeatOutcome(await future)
-        # Nothing in flight: this one goes at once, in this task, without a future.
+            future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+            self._beats.append((ids, future))
+            return [HeartbeatOutcome(o) for o in await future]
+        # Nothing in flight: these go at once, in this task, without a future.
         self._beating = True
         try:
-            (outcome,) = await self._beat([str(mitra_id)])
+            outcomes = await self._beat(ids)
         finally:
             if self._beats:
                 self._sender = asyncio.create_task(self._send_heartbeats())
             else:
                 self._beating = False
-        return HeartbeatOutcome(int(outcome))
+        return [HeartbeatOutcome(int(o)) for o in outcomes]
 
     async def _send_heartbeats(self) -> None:
+        beats = self._beats
         try:
-            while self._beats:
-                batch = self._beats[:_HEARTBEAT_BATCH]
-                del self._beats[:_HEARTBEAT_BATCH]
+            while beats:
+                batch = [beats.popleft()]
+                size = len(batch[0][0])
+                while beats and size + len(beats[0][0]) <= _HEARTBEAT_BATCH:
+                    batch.append(beats.popleft())
+                    size += len(batch[-1][0])
                 try:
-                    outcomes = await self._beat([b[0] for b in batch])
+                    outcomes = await self._beat([i for ids, _ in batch for i in ids])
                 except BaseException as exc:
                     for _, future in batch:
                         if future.done():
@@ -604,14 +623,16 @@ class Mirror:
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                at = 0
+                for ids, future in batch:
                     if not future.done():
-                        future.set_result(int(outcome))
+                        future.set_result(outcomes[at : at + len(ids)])
+                    at += len(ids)
         finally:
             self._beating = False
-            for _, future in self._beats:
+            for _, future in beats:
                 future.cancel()
-            self._beats.clear()
+            beats.clear()
 
     async def _beat(self, ids: list[str]) -> list[int]:
         """One heartbeat script call, on a connection of its own with the command packed by

@@ -61,7 +61,8 @@ async def test_the_watch_redraws_every_second_with_moving_counts_and_rates(
         cwd=tmp_path,
         stdout=asyncio.subprocess.PIPE,
     )
-    async with AvailabilityClient(f"127.0.0.1:{server.port}") as client:
+    # Unary heartbeats: the frames show rates by method, and Heartbeat is the one that moves.
+    async with AvailabilityClient(f"127.0.0.1:{server.port}", heartbeat_window=0) as client:
         driving = asyncio.create_task(busy(client))
         try:
             assert process.stdout is not None

@@ -14,6 +14,7 @@ from ..model import (
     AvailabilityChange,
     AvailabilitySnapshot,
     AvailableMitra,
+    Beat,
     ChangeKind,
     MitraStatus,
     Source,
@@ -22,6 +23,7 @@ from ..model import (
 from ..v1 import availability_pb2 as pb
 
 MAX_IDS = 10_000
+MAX_BATCH_HEARTBEATS = 5_000
 REVISION_HEADER = "availability-revision"
 """Initial metadata of a watch: the revision it is live from (a resume replays up to it)."""
 SNAPSHOT_PART = 5_000
@@ -33,6 +35,13 @@ KINDS = {
     ChangeKind.AVAILABLE: pb.CHANGE_KIND_AVAILABLE,
     ChangeKind.UNAVAILABLE: pb.CHANGE_KIND_UNAVAILABLE,
     ChangeKind.LOAD_CHANGED: pb.CHANGE_KIND_LOAD_CHANGED,
+}
+_Result = pb.HeartbeatResult
+OUTCOMES = {
+    Beat.RECORDED: _Result.OUTCOME_RECORDED,
+    Beat.OFFLINE: _Result.OUTCOME_OFFLINE,
+    Beat.DEACTIVATED: _Result.OUTCOME_DEACTIVATED,
+    Beat.NOT_FOUND: _Result.OUTCOME_NOT_FOUND,
 }
 REASONS = {
     None: pb.UNAVAILABLE_REASON_UNSPECIFIED,
@@ -51,6 +60,29 @@ def mitra_id(value: str, field: str = "mitra_id") -> UUID:
         return UUID(value)
     except ValueError:
         raise InvalidArgument(field, f"must be a UUID, got {value[:64]!r}") from None
+
+
+def valid_mitra_id(value: str) -> UUID | None:
+    """The id, or None where mitra_id() would refuse it (a batch answers each id apart)."""
+    try:
+        return UUID(value)
+    except ValueError:
+        return None
+
+
+def heartbeat_results(
+    values: Sequence[str], ids: Sequence[UUID | None], beats: dict[UUID, Beat]
+) -> list[pb.HeartbeatResult]:
+    results = []
+    for value, mitra_id in zip(values, ids, strict=True):
+        if mitra_id is None:
+            results.append(_Result(mitra_id=value, outcome=_Result.OUTCOME_INVALID_ID))
+        else:
+            beat = beats[mitra_id]
+            results.append(
+                _Result(mitra_id=value, online=beat is Beat.RECORDED, outcome=OUTCOMES[beat])
+            )
+    return results
 
 
 def mitra_ids(values: Sequence[str], field: str, *, required: bool) -> list[UUID]:

@@ -45,6 +45,24 @@ class AvailabilityService(pb_grpc.AvailabilityServiceServicer):
         online = await self._availability.heartbeat(convert.mitra_id(request.mitra_id))
         return pb.HeartbeatResponse(online=online)
 
+    async def BatchHeartbeat(
+        self, request: pb.BatchHeartbeatRequest, context: Context
+    ) -> pb.BatchHeartbeatResponse:
+        values = request.mitra_ids
+        if len(values) > convert.MAX_BATCH_HEARTBEATS:
+            raise InvalidArgument(
+                "mitra_ids", f"at most {convert.MAX_BATCH_HEARTBEATS} ids, got {len(values)}"
+            )
+        ids = [convert.valid_mitra_id(v) for v in values]
+        distinct = list(dict.fromkeys(i for i in ids if i is not None))
+        beats = await self._availability.heartbeats(distinct) if distinct else []
+        invalid = ids.count(None)
+        if invalid:
+            self._availability.refused_invalid(invalid)
+        return pb.BatchHeartbeatResponse(
+            results=convert.heartbeat_results(values, ids, dict(zip(distinct, beats, strict=True)))
+        )
+
     async def SetMitraActive(
         self, request: pb.SetMitraActiveRequest, context: Context
     ) -> pb.SetMitraActiveResponse:
