@@ -1,16 +1,22 @@
-"""`availability serve | migrate | demo | dev`: the console script."""
+"""`availability serve | migrate | demo | dev | status | audit | hash-token`: the console
+script."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import getpass
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import UUID
 
 import grpc
 
@@ -99,6 +105,12 @@ def _status(args: argparse.Namespace) -> int:
             _read(args.ca_file), _read(args.key_file), _read(args.cert_file)
         )
     token = settings.auth_tokens[0] if settings.auth_tokens else None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip() or None
+        except OSError as exc:
+            print(f"availability: --token-file: {exc.strerror}: {args.token_file}", file=sys.stderr)
+            return 2
     asked = {
         "address": args.address or settings.grpc_address,
         "token": token,
@@ -112,6 +124,98 @@ def _status(args: argparse.Namespace) -> int:
     report = asyncio.run(gather(settings, **asked))
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0 if report["ok"] else 1
+
+
+def _hash_token(token: str | None) -> int:
+    """The digest for token_sha256. From stdin when no argument is given (a prompt that does
+    not echo at a terminal), so the token stays out of shell history."""
+    from .callers import hash_token
+
+    if token is None:
+        token = getpass.getpass("token: ") if sys.stdin.isatty() else sys.stdin.readline()
+    token = token.strip()
+    if not token:
+        print("availability: hash-token: no token given (argument or stdin)", file=sys.stderr)
+        return 2
+    if any(c.isspace() for c in token):
+        print("availability: hash-token: a token cannot contain whitespace", file=sys.stderr)
+        return 2
+    print(hash_token(token))
+    return 0
+
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def since(text: str) -> datetime:
+    """--since: a time ago (`90s`, `15m`, `1h`, `2d`, `1w`) or an ISO-8601 time (`2026-12-02`,
+    `2026-12-02T13:00:00+07:00`; without an offset, UTC)."""
+    if relative := _RELATIVE.fullmatch(text.strip()):
+        amount, unit = relative.groups()
+        return datetime.now(UTC) - timedelta(**{_UNITS[unit]: float(amount)})
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO-8601 time (2026-12-02T13:00:00Z) or a time ago (15m, 1h, 2d), "
+            f"got {text!r}"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _mitra(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a mitra id (a UUID), got {text!r}") from None
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """Reads only Postgres: VALKEY_URL is not needed (next to `make run`, DATABASE_URL comes
+    from its .data/dev.env like for status)."""
+    import asyncpg
+
+    from .errors import TruthUnavailable
+    from .truth import Truth
+
+    env = _status_env(args.data_dir)
+    env["VALKEY_URL"] = env.get("VALKEY_URL") or "redis://unused"
+    settings = _settings(env)
+
+    async def read() -> list[dict[str, object]]:
+        truth = await Truth.connect(settings)
+        try:
+            records = await truth.audit_records(args.mitra, args.since, args.limit)
+        finally:
+            await truth.close()
+        return [asdict(r) for r in records]
+
+    try:
+        records = asyncio.run(read())
+    except (TruthUnavailable, asyncpg.PostgresError) as exc:
+        print(f"availability: audit: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(records, default=str, indent=2))
+        return 0
+    for r in records:
+        change = [f"active {_yes(r['active_before'])}->{_yes(r['active_after'])}"]
+        change.append(f"online {_yes(r['online_before'])}->{_yes(r['online_after'])}")
+        if r["revoked_auth_sessions"]:
+            change.append(f"revoked {r['revoked_auth_sessions']} auth session(s)")
+        at = r["at"].isoformat(timespec="seconds") if isinstance(r["at"], datetime) else r["at"]
+        print(
+            f"{at}  {r['caller']}  {r['action']}  mitra {r['mitra_id']}  {'  '.join(change)}"
+            f"  request {r['request_id'] or '-'}"
+        )
+    if not records:
+        print("no audited changes", file=sys.stderr)
+    return 0
+
+
+def _yes(value: object) -> str:
+    return "yes" if value else "no"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,11 +254,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--ca-file", help="TLS: the CA that signed the server's certificate")
     status.add_argument("--cert-file", help="mutual TLS: this client's certificate chain")
     status.add_argument("--key-file", help="mutual TLS: this client's key")
+    status.add_argument(
+        "--token-file",
+        help="a file holding the bearer token to ask with (a caller of AUTH_CALLERS_FILE with "
+        "the read scope); default: the first of AUTH_TOKENS",
+    )
     status.add_argument("--data-dir", default=".data", help="where `availability dev` runs")
     status.add_argument(
         "--watch",
         action="store_true",
         help="a live view redrawn every second, with calls/s by method; Ctrl-C quits",
+    )
+    audit = commands.add_parser(
+        "audit",
+        help="who changed which mitra's state (SetMitraActive; SetOnline/SetOffline by admins)",
+    )
+    audit.add_argument("--mitra", type=_mitra, help="only this mitra's changes")
+    audit.add_argument(
+        "--since",
+        type=since,
+        help="only changes since: a time ago (15m, 1h, 2d) or an ISO-8601 time (UTC if no offset)",
+    )
+    audit.add_argument("--json", action="store_true", help="one JSON document (a list)")
+    audit.add_argument("--limit", type=int, default=1000, help="the newest N (default 1000)")
+    audit.add_argument("--data-dir", default=".data", help="where `availability dev` runs")
+    hashing = commands.add_parser(
+        "hash-token",
+        help="print a bearer token's SHA-256 digest for AUTH_CALLERS_FILE's token_sha256",
+    )
+    hashing.add_argument(
+        "token",
+        nargs="?",
+        help="the token; better left out: it is then read from stdin (a hidden prompt at a "
+        "terminal), and stays out of shell history",
     )
     args = parser.parse_args(argv)
 
@@ -162,6 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .dev import run_dev
 
         return run_dev(str(args.data_dir), int(args.demo_mitras), bool(args.reset))
+    if args.command == "hash-token":
+        return _hash_token(args.token)
+    if args.command == "audit":
+        if args.limit < 1:
+            parser.error("--limit must be >= 1")
+        return _audit(args)
     if args.command == "status":
         if args.watch and args.json:
             parser.error("--watch draws for a person; --json is for scripts")

@@ -9,15 +9,18 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import TypeVar, cast
 from uuid import UUID
 
 from .coalesce import Coalesced
 from .errors import HeartbeatRefused, MitraNotFound, TruthUnavailable
+from .logs import UNIDENTIFIED, current
 from .mirror import MIRROR_ERRORS, HeartbeatOutcome, Mirror, MirrorMiss, untrusted
 from .model import (
+    Audit,
     AvailabilityCount,
     AvailableMitra,
+    Beat,
     DashboardStats,
     Drift,
     MitraLoad,
@@ -35,6 +38,13 @@ T = TypeVar("T")
 
 DASHBOARD_MAX_AGE = 1.0
 
+_BEATS = {
+    HeartbeatOutcome.RECORDED: Beat.RECORDED,
+    HeartbeatOutcome.OFFLINE: Beat.OFFLINE,
+    HeartbeatOutcome.DEACTIVATED: Beat.DEACTIVATED,
+}
+_UNKNOWN, _UNSEEDED = HeartbeatOutcome.UNKNOWN, HeartbeatOutcome.UNSEEDED
+
 STORE_ERRORS: tuple[type[BaseException], ...] = (*MIRROR_ERRORS, TruthUnavailable)
 """Either store failing: what background work retries later instead of crashing on."""
 
@@ -51,10 +61,12 @@ class Counters:
     mirror_misses: dict[str, int] = field(default_factory=dict)
     untrusted_reads: dict[str, int] = field(default_factory=dict)
     mirror_write_errors: dict[str, int] = field(default_factory=dict)
+    heartbeats: dict[str, int] = field(default_factory=dict)
+    """Heartbeats (not calls: a batch counts each of its ids) by what became of them."""
 
     @staticmethod
-    def bump(counter: dict[str, int], path: str) -> None:
-        counter[path] = counter.get(path, 0) + 1
+    def bump(counter: dict[str, int], path: str, count: int = 1) -> None:
+        counter[path] = counter.get(path, 0) + count
 
 
 class _Throttled:
@@ -106,16 +118,16 @@ class Availability:
             self._bypassed(path, exc, "reading the truth")
             return await from_truth()
 
-    def _bypassed(self, path: str, exc: BaseException, then: str) -> None:
+    def _bypassed(self, path: str, exc: BaseException, then: str, count: int = 1) -> None:
         """Count why Postgres answers instead of the mirror; warn only when Valkey failed."""
         if isinstance(exc, MirrorMiss):
-            Counters.bump(self.counters.mirror_misses, path)
+            Counters.bump(self.counters.mirror_misses, path, count)
             log.debug("%s: not in the mirror (%s), %s", path, exc, then)
         elif untrusted(exc):
-            Counters.bump(self.counters.untrusted_reads, path)
+            Counters.bump(self.counters.untrusted_reads, path, count)
             log.debug("%s: the mirror is not trusted yet (%s), %s", path, exc, then)
         else:
-            Counters.bump(self.counters.fallbacks, path)
+            Counters.bump(self.counters.fallbacks, path, count)
             self._warnings.warning(
                 path, "%s: mirror failed (%s: %s), %s", path, _named(exc), exc, then
             )
@@ -166,45 +178,71 @@ class Availability:
         )
 
     async def set_online(self, mitra_id: UUID) -> MitraStatus:
-        state, now = await self.truth.set_online(mitra_id)
+        state, now = await self.truth.set_online(mitra_id, _audit("set_online"))
         await self._mirror("set_online", [state])
         return self._status_from_truth(state, now)
 
     async def set_offline(self, mitra_id: UUID) -> MitraStatus:
-        state, now = await self.truth.set_offline(mitra_id)
+        state, now = await self.truth.set_offline(mitra_id, _audit("set_offline"))
         await self._mirror("set_offline", [state])
         return self._status_from_truth(state, now)
 
     async def set_active(self, mitra_id: UUID, active: bool) -> tuple[MitraStatus, int]:
-        state, now, revoked = await self.truth.set_active(mitra_id, active)
+        state, now, revoked = await self.truth.set_active(
+            mitra_id, active, _audit("set_active", always=True)
+        )
         await self._mirror("set_active", [state])
         return self._status_from_truth(state, now), revoked
 
     async def heartbeat(self, mitra_id: UUID) -> bool:
-        """True while the mitra is online. One Valkey round trip; Postgres only when Valkey
-        cannot answer, so an outage never lets a deactivated mitra's heartbeat through."""
-        try:
-            outcome = await self.mirror.heartbeat(mitra_id)
-        except MIRROR_ERRORS as exc:
-            self._bypassed("heartbeat", exc, "recording in the truth")
-            return await self.truth.record_heartbeat(mitra_id)
-        if outcome is HeartbeatOutcome.DEACTIVATED:
+        """True while the mitra is online; a deactivated or unknown mitra raises."""
+        (beat,) = await self.heartbeats([mitra_id])
+        if beat is Beat.DEACTIVATED:
             raise HeartbeatRefused(mitra_id)
-        if outcome in (HeartbeatOutcome.UNSEEDED, HeartbeatOutcome.UNKNOWN):
-            counter = (
-                self.counters.mirror_misses
-                if outcome is HeartbeatOutcome.UNKNOWN
-                else self.counters.untrusted_reads
-            )
-            Counters.bump(counter, "heartbeat")
-            online = await self.truth.record_heartbeat(mitra_id)
-            if outcome is HeartbeatOutcome.UNKNOWN:
-                await self.resync([mitra_id])
-            elif self.mirror.guest:
-                # The owner's mirror must see this heartbeat, or its sweep finds the mitra stale.
-                await self._mirror_best_effort("heartbeat", self.mirror.request_resync([mitra_id]))
-            return online
-        return outcome is HeartbeatOutcome.RECORDED
+        if beat is Beat.NOT_FOUND:
+            raise MitraNotFound(mitra_id)
+        return beat is Beat.RECORDED
+
+    async def heartbeats(self, mitra_ids: Sequence[UUID]) -> list[Beat]:
+        """One beat a (distinct) id, in order. One Valkey round trip; Postgres only for the
+        ids Valkey cannot answer, so an outage never lets a deactivated mitra's heartbeat
+        through."""
+        try:
+            outcomes = await self.mirror.heartbeats(mitra_ids)
+        except MIRROR_ERRORS as exc:
+            self._bypassed("heartbeat", exc, "recording in the truth", len(mitra_ids))
+            return self._counted(await self.truth.record_heartbeats(mitra_ids))
+        beats = [_BEATS.get(outcome) for outcome in outcomes]
+        if None not in beats:
+            return self._counted(cast(list[Beat], beats))
+        unknown = [i for i, o in zip(mitra_ids, outcomes, strict=True) if o is _UNKNOWN]
+        unseeded = [i for i, o in zip(mitra_ids, outcomes, strict=True) if o is _UNSEEDED]
+        if unknown:
+            Counters.bump(self.counters.mirror_misses, "heartbeat", len(unknown))
+        if unseeded:
+            Counters.bump(self.counters.untrusted_reads, "heartbeat", len(unseeded))
+        answered = iter(await self.truth.record_heartbeats([*unknown, *unseeded]))
+        # The truth answers in the order asked: unknown ids first, then unseeded ones.
+        by_id = dict(zip([*unknown, *unseeded], answered, strict=True))
+        known = [i for i in unknown if by_id[i] is not Beat.NOT_FOUND]
+        if known:
+            await self.resync(known)
+        if unseeded and self.mirror.guest:
+            # The owner's mirror must see these heartbeats, or its sweep finds them stale.
+            await self._mirror_best_effort("heartbeat", self.mirror.request_resync(unseeded))
+        return self._counted(
+            [by_id[i] if b is None else b for i, b in zip(mitra_ids, beats, strict=True)]
+        )
+
+    def refused_invalid(self, count: int) -> None:
+        """Heartbeats of a batch whose id is not a UUID (counted; a unary one is refused)."""
+        Counters.bump(self.counters.heartbeats, "invalid_id", count)
+
+    def _counted(self, beats: list[Beat]) -> list[Beat]:
+        counter = self.counters.heartbeats
+        for beat in beats:
+            counter[beat.value] = counter.get(beat.value, 0) + 1
+        return beats
 
     async def status(self, mitra_id: UUID) -> MitraStatus:
         async def from_truth() -> MitraStatus:
@@ -307,6 +345,18 @@ class Availability:
             drift += Drift(forgotten=forgotten)
         await self.mirror.finish_seed(identity)
         return count, drift
+
+
+def _audit(action: str, *, always: bool = False) -> Audit | None:
+    """The audit row's who, from the call being served (logs.Request, named by
+    interceptors.Guard): always for a change of activation, and for a change of presence
+    when the caller has the admin scope."""
+    request = current.get()
+    if request is None:
+        return Audit(UNIDENTIFIED, None, action) if always else None
+    if not (always or request.admin):
+        return None
+    return Audit(request.caller, request.id, action)
 
 
 def _named(exc: BaseException) -> str:

@@ -34,6 +34,16 @@ class TruthUnavailable(AvailabilityError):
         super().__init__(f"database unavailable: {type(cause).__name__}: {cause}".rstrip(": "))
 
 
+class AuditUnwritten(AvailabilityError):
+    """The audit row of a change could not be written, so the change was not made either."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(
+            "the change was not made: its audit row could not be written "
+            f"({type(cause).__name__}: {cause})".rstrip(": ")
+        )
+
+
 class LimitReached(AvailabilityError):
     """A per-instance limit is reached (WATCH_MAX_STREAMS); the caller retries later or
     elsewhere."""

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, ClassVar, TypeVar
@@ -360,7 +360,11 @@ class LocalPostgres(_LocalServer):
     fsync and full-page writes are off, so an OS crash may lose data, but commits still reach
     the kernel before they return, so data survives `kill()` of the server. No Unix socket is
     made: socket paths are limited to ~100 bytes and temp directories can be longer.
+    `settings` are passed as extra `-c name=value` after these (so they may override them),
+    e.g. {"wal_level": "logical"}.
     """
+
+    settings: dict[str, str] = field(default_factory=dict)
 
     _name: ClassVar[str] = "postgres"
     _stop_signal: ClassVar[signal.Signals] = signal.SIGINT
@@ -418,6 +422,7 @@ class LocalPostgres(_LocalServer):
             "full_page_writes": "off",
             "max_connections": "200",
             "logging_collector": "off",
+            **self.settings,
         }
         command = [str(_postgres_bin() / "postgres"), "-D", str(self.data_dir)]
         uid, gid, groups = _credentials(_postgres_account())
@@ -446,11 +451,15 @@ class LocalPostgres(_LocalServer):
         return len(lines) >= 8 and lines[0] == str(process.pid) and lines[7].strip() == "ready"
 
 
-def start_postgres(data_dir: Path, port: int | None = None) -> LocalPostgres:
+def start_postgres(
+    data_dir: Path, port: int | None = None, settings: Mapping[str, str] | None = None
+) -> LocalPostgres:
     """Runs Postgres on `data_dir`, creating the cluster when the directory is empty or missing,
     and returns once it accepts connections. Without a port, a free one is picked, and picked
-    again should another process take it first."""
-    return _start_on_port(lambda chosen: LocalPostgres(Path(data_dir), chosen), port)
+    again should another process take it first. `settings`: extra server settings (-c)."""
+    return _start_on_port(
+        lambda chosen: LocalPostgres(Path(data_dir), chosen, dict(settings or {})), port
+    )
 
 
 def _valkey_binary() -> str:

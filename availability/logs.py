@@ -1,5 +1,6 @@
 """Logging: one JSON object a line for machines, a readable line at a terminal, and the
-request each line belongs to (request id, method, mitra id, trace) wherever it was logged."""
+request each line belongs to (request id, method, caller, mitra id, trace) wherever it was
+logged."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from .settings import Settings
 if TYPE_CHECKING:
     from .interceptors import Context
 
+ANONYMOUS = "anonymous"
+TOKEN_HOLDER = "token"
+UNIDENTIFIED = "-"
+
 REQUEST_ID_HEADER = "x-request-id"
 """Metadata a caller may send to name its request in our logs; we answer with it (or the id
 we made) in trailing metadata whenever a call fails or was logged."""
@@ -28,12 +33,17 @@ _CALLER_SENT = 128
 
 class Request:
     """What the log lines of one RPC share. The id is made only when first needed, so a call
-    that logs nothing and succeeds pays for no uuid."""
+    that logs nothing and succeeds pays for no uuid. `caller` is who called
+    (interceptors.Guard): a name from AUTH_CALLERS_FILE, ANONYMOUS without authentication,
+    TOKEN_HOLDER for one of AUTH_TOKENS, UNIDENTIFIED while unknown; `admin` is whether that
+    caller has the admin scope (its presence changes are audited)."""
 
-    __slots__ = ("_id", "method", "mitra_id", "span_id", "trace_id")
+    __slots__ = ("_id", "admin", "caller", "method", "mitra_id", "span_id", "trace_id")
 
-    def __init__(self, method: str, sent_id: str, traceparent: str) -> None:
+    def __init__(self, method: str, sent_id: str, traceparent: str, caller: str) -> None:
         self.method = method
+        self.caller = caller
+        self.admin = False
         self._id = sent_id[:_CALLER_SENT]
         self.mitra_id = ""
         self.trace_id = self.span_id = ""
@@ -56,11 +66,14 @@ current: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
 )
 
 
-def answer_with_request_id(context: Context) -> None:
-    """Tell the caller which request id our log lines carry (before an abort)."""
+def answer_with_request_id(context: Context, extra: tuple[tuple[str, str], ...] = ()) -> None:
+    """Tell the caller which request id our log lines carry (before an abort), with any other
+    trailing metadata of the answer."""
     request = current.get()
     if request is not None:
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, request.id),))
+        extra = ((REQUEST_ID_HEADER, request.id), *extra)
+    if extra:
+        context.set_trailing_metadata(extra)
 
 
 _STANDARD = frozenset(
@@ -74,6 +87,7 @@ def _context_fields(record: logging.LogRecord) -> dict[str, Any]:
     if request is not None:
         fields["request_id"] = request.id
         fields["method"] = request.method
+        fields["caller"] = request.caller
         if request.mitra_id:
             fields["mitra_id"] = request.mitra_id
         if request.trace_id:

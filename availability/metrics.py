@@ -1,5 +1,6 @@
-"""Prometheus metrics on METRICS_ADDRESS: RPCs by method and code (the names of the gRPC
-ecosystem's go-grpc-prometheus), and the domain's own counters, read at scrape time."""
+"""Prometheus metrics on METRICS_ADDRESS: RPCs by method, code and caller (the names of the
+gRPC ecosystem's go-grpc-prometheus, plus `caller`), and the domain's own counters, read at
+scrape time."""
 
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.handled = Counter(
             "grpc_server_handled",
-            "RPCs completed on the server, by method and status code.",
-            ["grpc_service", "grpc_method", "grpc_code"],
+            "RPCs completed on the server, by method, status code and caller.",
+            ["grpc_service", "grpc_method", "grpc_code", "caller"],
             registry=self.registry,
         )
         self.handling = Histogram(
             "grpc_server_handling_seconds",
-            "Time to handle an RPC (a stream: until it ends).",
-            ["grpc_service", "grpc_method"],
+            "Time to handle an RPC (a stream: until it ends), by method and caller.",
+            ["grpc_service", "grpc_method", "caller"],
             buckets=_BUCKETS,
             registry=self.registry,
         )
@@ -65,10 +66,11 @@ class Metrics:
             self._http.server_close()
             self._http = None
 
-    def record(self, service: str, method: str, seconds: float, code: str) -> None:
-        """One RPC ended (interceptors.Observed calls this for every call)."""
-        self.handling.labels(service, method).observe(seconds)
-        self.handled.labels(service, method, code).inc()
+    def record(self, service: str, method: str, seconds: float, code: str, caller: str) -> None:
+        """One RPC ended (interceptors.Observed calls this for every call). Callers are the
+        names in AUTH_CALLERS_FILE (or anonymous, token, `-`), so the series stay bounded."""
+        self.handling.labels(service, method, caller).observe(seconds)
+        self.handled.labels(service, method, code, caller).inc()
 
 
 class _Domain(Collector):
@@ -104,6 +106,13 @@ class _Domain(Collector):
             "read yet: unseeded, being reseeded, distrusted, or owned by another layout.",
             "path",
             counters.untrusted_reads.copy(),
+        )
+        yield _by(
+            "availability_heartbeats",
+            "Heartbeats (a BatchHeartbeat counts each id), by outcome: recorded, offline, "
+            "deactivated, not_found, invalid_id.",
+            "outcome",
+            counters.heartbeats.copy(),
         )
         yield _by(
             "availability_valkey_write_errors",

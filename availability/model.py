@@ -141,6 +141,15 @@ class DashboardStats:
         )
 
 
+class Beat(enum.Enum):
+    """What became of one heartbeat (the label of the heartbeats metric)."""
+
+    RECORDED = "recorded"
+    OFFLINE = "offline"
+    DEACTIVATED = "deactivated"
+    NOT_FOUND = "not_found"
+
+
 class ChangeKind(enum.Enum):
     AVAILABLE = "available"
     UNAVAILABLE = "unavailable"
@@ -172,3 +181,29 @@ class AvailabilitySnapshot:
 
     revision: int
     mitras: tuple[AvailableMitra, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """Who makes a change that is audited (availability_audit), written with the change."""
+
+    caller: str
+    request_id: str | None
+    action: str
+    """set_active, set_online or set_offline."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One audited change, as `availability audit` shows it."""
+
+    at: datetime
+    caller: str
+    request_id: str | None
+    action: str
+    mitra_id: UUID
+    active_before: bool
+    active_after: bool
+    online_before: bool
+    online_after: bool
+    revoked_auth_sessions: int

@@ -26,10 +26,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio.connection import Connection
 
+from .callers import Callers
 from .domain import Availability
 from .errors import TruthUnavailable
-from .interceptors import Authentication, ErrorMapping, Observed
+from .interceptors import ErrorMapping, Guard, Observed
 from .listener import ChangeListener
+from .logs import ANONYMOUS, UNIDENTIFIED
 from .metrics import Metrics
 from .mirror import MIRROR_ERRORS, Mirror, MirrorUntrusted, connect_valkey
 from .services.availability import AvailabilityService
@@ -172,6 +174,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics: Metrics | None = None
+        self.callers: Callers | None = None
         self._serving = False
         self._started_at = datetime.now(UTC)
         self._fallbacks_announced: deque[int] = deque(
@@ -188,11 +191,28 @@ class Server:
         deadline = StartupDeadline(settings.startup_timeout_seconds)
         services = _Services()
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMapping()]  # type: ignore[type-arg]
-        if settings.auth_tokens:
-            interceptors.insert(0, Authentication(settings.auth_tokens))
+        guard = None
+        if settings.auth_callers_file:
+            self.callers = Callers(settings.auth_callers_file)
+            guard = Guard(self.callers, tls=settings.mutual_tls)
+            self._tasks.append(
+                asyncio.create_task(
+                    self.callers.watch(settings.auth_callers_poll_seconds), name="callers-file"
+                )
+            )
+        elif settings.auth_tokens:
+            guard = Guard.of_tokens(settings.auth_tokens, tls=False)
+        if guard is not None:
+            interceptors.insert(0, guard)
         self.metrics = Metrics(self)
         interceptors.insert(
-            0, Observed(settings.log_slow_rpc_seconds, self.metrics.record, self._tracer)
+            0,
+            Observed(
+                settings.log_slow_rpc_seconds,
+                self.metrics.record,
+                self._tracer,
+                UNIDENTIFIED if guard is not None else ANONYMOUS,
+            ),
         )
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
@@ -271,6 +291,13 @@ class Server:
             os.getpid(),
             time.perf_counter() - started,
         )
+
+    def reload_callers(self) -> bool:
+        """SIGHUP: read AUTH_CALLERS_FILE again (a bad file keeps the last good one)."""
+        if self.callers is None:
+            log.info("SIGHUP: no AUTH_CALLERS_FILE to reload")
+            return False
+        return self.callers.reload()
 
     def report(self) -> dict[str, object]:
         """This instance as `availability status` shows it."""
@@ -404,6 +431,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = Server(settings)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_callers)
     starting = asyncio.create_task(server.start(reuse_port=reuse_port))
     stopping = asyncio.create_task(stop.wait())
     try:
@@ -439,6 +467,9 @@ def run(main: Coroutine[Any, Any, None]) -> int:
 def _worker(settings: Settings) -> None:
     from .logs import configure_logging
 
+    # Until serve() takes it, a SIGHUP forwarded by the parent must not end the worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
     configure_logging(settings)
     raise SystemExit(run(serve(settings, reuse_port=True)))
 
@@ -454,7 +485,8 @@ def _worker_settings(settings: Settings, index: int) -> Settings:
 def serve_workers(settings: Settings, workers: int) -> int:
     """N processes sharing the port through SO_REUSEPORT (grpc examples/python/multiprocessing).
 
-    The parent only forwards SIGTERM/SIGINT and waits; a worker that dies stops the rest.
+    The parent only forwards SIGTERM/SIGINT (and SIGHUP: each worker reloads
+    AUTH_CALLERS_FILE) and waits; a worker that dies stops the rest.
     """
     context = multiprocessing.get_context("spawn")
     processes = [
@@ -471,8 +503,14 @@ def serve_workers(settings: Settings, workers: int) -> int:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
 
+    def reload(signum: int, frame: FrameType | None) -> None:
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload)
     exit_code = 0
     while processes:
         for process in list(processes):

@@ -10,6 +10,9 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .callers import CallersError
+from .callers import load as load_callers
+
 T = TypeVar("T")
 
 MIRROR_LAYOUT = 2
@@ -52,6 +55,8 @@ class Settings:
     valkey_breaker_seconds: float = 1.0
     allow_insecure_network: bool = False
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    auth_callers_file: str = ""
+    auth_callers_poll_seconds: float = 1.0
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
@@ -118,6 +123,7 @@ class Settings:
             "log_slow_rpc_seconds",
             "startup_timeout_seconds",
             "change_poll_seconds",
+            "auth_callers_poll_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
@@ -173,6 +179,17 @@ class Settings:
         for token in self.auth_tokens:
             if any(c.isspace() for c in token):
                 raise SettingsError("AUTH_TOKENS: a token cannot contain whitespace")
+        if self.auth_tokens and self.auth_callers_file:
+            raise SettingsError(
+                "AUTH_TOKENS and AUTH_CALLERS_FILE cannot be used together: AUTH_TOKENS gives "
+                "every token access to everything, AUTH_CALLERS_FILE names each caller and its "
+                "scopes; move the tokens into the file as callers (availability hash-token)"
+            )
+        if self.auth_callers_file:
+            try:
+                load_callers(self.auth_callers_file)
+            except CallersError as exc:
+                raise SettingsError(str(exc)) from None
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             missing = "TLS_KEY_FILE" if self.tls_cert_file else "TLS_CERT_FILE"
             raise SettingsError(f"{missing} is required with the other TLS file")
@@ -183,11 +200,12 @@ class Settings:
             if path and not os.access(path, os.R_OK):
                 raise SettingsError(f"{name.upper()}: cannot read {path}")
         host = _split_address(self.grpc_address)
-        protected = bool(self.auth_tokens) or self.mutual_tls
+        protected = bool(self.auth_tokens or self.auth_callers_file) or self.mutual_tls
         if not _is_loopback(host) and not protected and not self.allow_insecure_network:
             raise SettingsError(
-                f"GRPC_ADDRESS {self.grpc_address} is beyond loopback without AUTH_TOKENS or "
-                "mutual TLS (TLS_CLIENT_CA_FILE); set one, or ALLOW_INSECURE_NETWORK=true to "
+                f"GRPC_ADDRESS {self.grpc_address} is beyond loopback without AUTH_TOKENS, "
+                "AUTH_CALLERS_FILE or mutual TLS (TLS_CLIENT_CA_FILE); set one, or "
+                "ALLOW_INSECURE_NETWORK=true to "
                 "serve it unauthenticated"
             )
 
@@ -254,6 +272,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "migrate_on_start": _bool,
     "chat_session_triggers": _bool,
     "change_poll_seconds": _float,
+    "auth_callers_poll_seconds": _float,
     "default_max_concurrent_sessions": _int,
     "database_pool_size": _int,
     "auto_offline_batch": _int,

@@ -616,7 +616,9 @@ async def _scrape(endpoints: Sequence[str], timeout: float) -> _Scrape:
             for sample in family.samples:
                 if labels := _COUNTED.get(sample.name):
                     key = tuple(sample.labels.get(label, "") for label in labels)
-                    samples[(endpoint, sample.name, key)] = sample.value
+                    # Summed over the labels not kept (the caller, for calls).
+                    at = (endpoint, sample.name, key)
+                    samples[at] = samples.get(at, 0.0) + sample.value
     reached = frozenset(endpoints).difference(failed)
     return _Scrape(time.monotonic(), samples, reached, tuple(failed))
 

@@ -57,7 +57,12 @@ def server_span(
         yield span
 
 
-def finish(span: Any, code: str) -> None:
+CALLER_ATTRIBUTE = "availability.caller"
+"""The span attribute naming who called (logs.Request.caller)."""
+
+
+def finish(span: Any, code: str, caller: str) -> None:
     span.set_attribute("rpc.grpc.status_code", _CODES.get(code, 2))
+    span.set_attribute(CALLER_ATTRIBUTE, caller)
     if code in SERVER_ERRORS:
         span.set_status(Status(StatusCode.ERROR, code))

@@ -12,10 +12,13 @@ from uuid import UUID
 
 import asyncpg
 
-from .errors import HeartbeatRefused, MitraDeactivated, MitraNotFound, TruthUnavailable
+from .errors import AuditUnwritten, MitraDeactivated, MitraNotFound, TruthUnavailable
 from .model import (
+    Audit,
+    AuditRecord,
     AvailabilityCount,
     AvailableMitra,
+    Beat,
     MitraLoad,
     MitraState,
     SessionCounts,
@@ -81,14 +84,51 @@ UPDATE auth_sessions SET revoked_at = now()
 WHERE mitra_id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())
 """
 
-_RECORD_HEARTBEAT = """
-WITH m AS (SELECT id, is_active FROM mitras WHERE id = $1),
+# The heartbeats Valkey cannot take, guarded and recorded in one statement. The rows are
+# locked in id order, so two batches that share mitras cannot deadlock.
+_RECORD_HEARTBEATS = """
+WITH m AS (
+    SELECT m.id, m.is_active FROM mitras m WHERE m.id = ANY($1::uuid[])
+),
+locked AS (
+    SELECT s.mitra_id FROM mitra_online_status s JOIN m ON m.id = s.mitra_id
+    WHERE m.is_active AND s.is_online
+    ORDER BY s.mitra_id
+    FOR UPDATE OF s
+),
 hb AS (
     UPDATE mitra_online_status s SET last_heartbeat_at = now()
-    FROM m WHERE s.mitra_id = m.id AND m.is_active AND s.is_online
-    RETURNING 1
+    FROM locked WHERE s.mitra_id = locked.mitra_id AND s.is_online
+    RETURNING s.mitra_id
 )
-SELECT m.is_active, EXISTS (SELECT 1 FROM hb) AS online FROM m
+SELECT m.id, m.is_active, hb.mitra_id IS NOT NULL AS online
+FROM m LEFT JOIN hb ON hb.mitra_id = m.id
+"""
+
+# An audited change reads the state before under the mitras row lock every write of it takes
+# first (SetOnline, SetMitraActive), so no other write slips between "before" and the change.
+_AUDIT_BEFORE = """
+SELECT m.is_active, coalesce(s.is_online, false) AS is_online
+FROM mitras m LEFT JOIN mitra_online_status s ON s.mitra_id = m.id
+WHERE m.id = $1
+FOR UPDATE OF m
+"""
+
+_AUDIT = """
+INSERT INTO availability_audit (caller, request_id, action, mitra_id, active_before,
+    active_after, online_before, online_after, revoked_auth_sessions)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+"""
+
+_AUDIT_RECORDS = """
+SELECT * FROM (
+    SELECT id, at, caller, request_id, action, mitra_id, active_before, active_after,
+        online_before, online_after, revoked_auth_sessions
+    FROM availability_audit
+    WHERE ($1::uuid IS NULL OR mitra_id = $1) AND ($2::timestamptz IS NULL OR at >= $2)
+    ORDER BY at DESC, id DESC
+    LIMIT $3
+) newest ORDER BY at, id
 """
 
 _AVAILABLE_FROM = f"""
@@ -452,42 +492,72 @@ class Truth:
             while rows := await cursor.fetch(batch):
                 yield [_state(r) for r in rows]
 
-    async def set_online(self, mitra_id: UUID) -> tuple[MitraState, datetime]:
+    async def set_online(
+        self, mitra_id: UUID, audit: Audit | None = None
+    ) -> tuple[MitraState, datetime]:
         """Online, and counted as a heartbeat; the mitras row lock orders it with deactivation."""
 
-        async def change(conn: _Connectionish) -> None:
+        async def change(conn: _Connectionish) -> int:
             row = await conn.fetchrow(_SET_ONLINE, mitra_id)
             if row is None:
                 raise MitraNotFound(mitra_id)
             if not row["is_active"]:
                 raise MitraDeactivated(mitra_id)
+            return 0
 
-        return await self._write(mitra_id, change)
+        state, now, _ = await self._write(mitra_id, change, audit)
+        return state, now
 
-    async def set_offline(self, mitra_id: UUID) -> tuple[MitraState, datetime]:
-        async def change(conn: _Connectionish) -> None:
+    async def set_offline(
+        self, mitra_id: UUID, audit: Audit | None = None
+    ) -> tuple[MitraState, datetime]:
+        async def change(conn: _Connectionish) -> int:
             if not await conn.fetchval("SELECT true FROM mitras WHERE id = $1", mitra_id):
                 raise MitraNotFound(mitra_id)
             await conn.execute(_UPSERT_STATUS, mitra_id, False)
+            return 0
 
-        return await self._write(mitra_id, change)
+        state, now, _ = await self._write(mitra_id, change, audit)
+        return state, now
 
-    async def set_active(self, mitra_id: UUID, active: bool) -> tuple[MitraState, datetime, int]:
-        revoked = 0
-
-        async def change(conn: _Connectionish) -> None:
-            nonlocal revoked
+    async def set_active(
+        self, mitra_id: UUID, active: bool, audit: Audit | None = None
+    ) -> tuple[MitraState, datetime, int]:
+        async def change(conn: _Connectionish) -> int:
             found = await conn.fetchval(
                 "UPDATE mitras SET is_active = $2 WHERE id = $1 RETURNING true", mitra_id, active
             )
             if not found:
                 raise MitraNotFound(mitra_id)
+            revoked = 0
             if not active:
                 revoked = _row_count(await conn.execute(_REVOKE_AUTH_SESSIONS, mitra_id))
             await conn.execute(_UPSERT_STATUS, mitra_id, active)
+            return revoked
 
-        state, now = await self._write(mitra_id, change)
-        return state, now, revoked
+        return await self._write(mitra_id, change, audit)
+
+    async def audit_records(
+        self, mitra_id: UUID | None, since: datetime | None, limit: int
+    ) -> list[AuditRecord]:
+        """The newest `limit` audited changes (of one mitra, since a time), oldest first."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(_AUDIT_RECORDS, mitra_id, since, limit)
+        return [
+            AuditRecord(
+                at=r["at"],
+                caller=r["caller"],
+                request_id=r["request_id"],
+                action=r["action"],
+                mitra_id=r["mitra_id"],
+                active_before=r["active_before"],
+                active_after=r["active_after"],
+                online_before=r["online_before"],
+                online_after=r["online_after"],
+                revoked_auth_sessions=r["revoked_auth_sessions"],
+            )
+            for r in rows
+        ]
 
     async def take_offline(self, mitra_ids: Sequence[UUID], fence: str, epoch: int) -> list[UUID]:
         """The auto-offline sweep's write, refused when a newer lease epoch has written. A
@@ -514,15 +584,19 @@ class Truth:
             )
         return _row_count(status)
 
-    async def record_heartbeat(self, mitra_id: UUID) -> bool:
-        """The heartbeat when Valkey cannot take it: guard and record in one statement."""
+    async def record_heartbeats(self, mitra_ids: Sequence[UUID]) -> list[Beat]:
+        """The heartbeats when Valkey cannot take them: one beat an id, in order."""
         async with self._connection() as conn:
-            row = await conn.fetchrow(_RECORD_HEARTBEAT, mitra_id)
-        if row is None:
-            raise MitraNotFound(mitra_id)
-        if not row["is_active"]:
-            raise HeartbeatRefused(mitra_id)
-        return bool(row["online"])
+            rows = await conn.fetch(_RECORD_HEARTBEATS, mitra_ids)
+        found = {
+            r["id"]: Beat.DEACTIVATED
+            if not r["is_active"]
+            else Beat.RECORDED
+            if r["online"]
+            else Beat.OFFLINE
+            for r in rows
+        }
+        return [found.get(i, Beat.NOT_FOUND) for i in mitra_ids]
 
     async def find_available(self, limit: int, exclude: Sequence[UUID]) -> list[AvailableMitra]:
         async with self._connection() as conn:
@@ -637,15 +711,58 @@ class Truth:
             conn.terminate()
 
     async def _write(
-        self, mitra_id: UUID, change: Callable[[_Connectionish], Awaitable[None]]
-    ) -> tuple[MitraState, datetime]:
+        self,
+        mitra_id: UUID,
+        change: Callable[[_Connectionish], Awaitable[int]],
+        audit: Audit | None = None,
+    ) -> tuple[MitraState, datetime, int]:
+        """One write in one transaction, with its audit row when audited; `change` returns
+        the auth sessions it revoked."""
         async with self._connection() as conn, conn.transaction():
-            await change(conn)
+            before = await conn.fetchrow(_AUDIT_BEFORE, mitra_id) if audit else None
+            revoked = await change(conn)
             rows = await conn.fetch(_STATES_BY_ID, [mitra_id])
             now = await conn.fetchval(_NOW)
+            if audit is not None and before is not None and rows:
+                await self._audit(conn, audit, mitra_id, before, _state(rows[0]), revoked)
         if not rows:
             raise MitraNotFound(mitra_id)
-        return _state(rows[0]), now
+        return _state(rows[0]), now, revoked
+
+    @staticmethod
+    async def _audit(
+        conn: _Connectionish,
+        audit: Audit,
+        mitra_id: UUID,
+        before: asyncpg.Record,
+        after: MitraState,
+        revoked: int,
+    ) -> None:
+        try:
+            await conn.execute(
+                _AUDIT,
+                audit.caller,
+                audit.request_id,
+                audit.action,
+                mitra_id,
+                before["is_active"],
+                after.active,
+                before["is_online"],
+                after.online,
+                revoked,
+            )
+        except _UNREACHABLE:
+            raise
+        except asyncpg.PostgresError as exc:
+            log.error(
+                "%s of mitra %s by %s refused: its audit row could not be written (%s: %s)",
+                audit.action,
+                mitra_id,
+                audit.caller,
+                type(exc).__name__,
+                exc,
+            )
+            raise AuditUnwritten(exc) from exc
 
 
 def _row_count(status: str) -> int:

@@ -27,7 +27,12 @@ async def scrape(server: Server) -> Samples:
 
 
 def rpc(method: str, code: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    labels = {"grpc_service": SERVICE, "grpc_method": method, "grpc_code": code}
+    labels = {
+        "grpc_service": SERVICE,
+        "grpc_method": method,
+        "grpc_code": code,
+        "caller": "anonymous",
+    }
     return ("grpc_server_handled_total", tuple(sorted(labels.items())))
 
 
@@ -49,7 +54,7 @@ async def test_rpcs_are_counted_by_method_and_code_with_latency(
     assert samples[rpc("GetMitraStatus", "NOT_FOUND")] == 1
     duration = (
         "grpc_server_handling_seconds_count",
-        (("grpc_method", "Heartbeat"), ("grpc_service", SERVICE)),
+        (("caller", "anonymous"), ("grpc_method", "Heartbeat"), ("grpc_service", SERVICE)),
     )
     assert samples[duration] == 2
 
