@@ -12,12 +12,13 @@ import argparse
 import asyncio
 import os
 import socket
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -266,19 +267,35 @@ async def bench_dashboard(base: Stores, sessions: int, runs: int) -> list[Row]:
 
 async def bench_trigger(base: Stores, samples: int) -> list[Row]:
     """Load follows truth on its own: from a chat_sessions commit to the mirror's new load,
-    through the change table the triggers note it in (polled every CHANGE_POLL_SECONDS)."""
-    from availability.server import running
-
+    through the change table the triggers note it in (polled every CHANGE_POLL_SECONDS). The
+    server is its own process (`availability serve`), so this process's polling of Valkey
+    does not share its event loop."""
     progress("load via the change table")
     async with fresh_domain(base, "trigger") as availability:
-        settings = replace(availability.settings, grpc_address="127.0.0.1:0")
+        settings = availability.settings
         db = await asyncpg.connect(settings.database_url)
         mitra = (await online_fleet(db, 100))[0]
-        async with running(settings) as server:
-            assert server.availability is not None
-            loads = server.availability.mirror.keys.loads
-            client = server.availability.mirror.client
-            waits = []
+        loads = availability.mirror.keys.loads
+        client = availability.mirror.client
+        env = {
+            **os.environ,
+            "DATABASE_URL": settings.database_url,
+            "VALKEY_URL": settings.valkey_url,
+            "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
+            "GRPC_ADDRESS": "127.0.0.1:0",
+            "METRICS_ADDRESS": "",
+            "LOG_LEVEL": "WARNING",
+        }
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "availability", "serve", env=env
+        )
+        waits = []
+        try:
+            deadline = time.monotonic() + 60
+            while await client.hget(loads, str(mitra)) is None:  # seeded
+                if time.monotonic() > deadline or server.returncode is not None:
+                    raise RuntimeError("availability serve did not seed the mirror")
+                await asyncio.sleep(0.05)
             for i in range(samples):
                 before = await client.hget(loads, str(mitra))
                 started = time.perf_counter()
@@ -294,7 +311,10 @@ async def bench_trigger(base: Stores, samples: int) -> list[Row]:
                 await db.execute("DELETE FROM chat_sessions WHERE id = $1", session)
                 while await client.hget(loads, str(mitra)) != before:
                     await asyncio.sleep(0.0005)
-        await db.close()
+        finally:
+            server.terminate()
+            await server.wait()
+            await db.close()
     waits.sort()
     median, p99 = waits[len(waits) // 2], waits[int(len(waits) * 0.99) - 1]
     return [
@@ -303,7 +323,8 @@ async def bench_trigger(base: Stores, samples: int) -> list[Row]:
             f"{median:.1f} ms median, {p99:.1f} ms p99",
             target="p99 < 100 ms",
             met=p99 < 100,
-            note=f"{samples} changes, commit to Valkey; includes the 20 ms poll interval",
+            note=f"{samples} changes, commit to Valkey, `availability serve` in its own process;"
+            f" includes the {settings.change_poll_seconds * 1000:.0f} ms poll interval",
         ),
     ]
 

@@ -1,0 +1,513 @@
+"""`python -m bench.logical`: logical decoding next to the change table (issue 16, item 3).
+
+On a throwaway Postgres with `wal_level=logical` (fsync off, as every LocalPostgres; commits
+with synchronous_commit=off, as bench.footprint runs them), pgbench drives the chat backend's
+statements (bench.footprint's KINDS and seed) on databases alike, interleaved, best of rounds:
+
+- none: `DISABLE TRIGGER USER`, no slot: the chat backend alone;
+- change table: our triggers, and a drainer taking the change table every 20 ms;
+- logical: triggers off, a test_decoding slot that a poller reads every 20 ms with
+  `pg_logical_slot_get_changes`, keeping the chat_sessions changes that move a load. With the
+  default replica identity a DELETE carries only the key and an UPDATE no old row, so a
+  reroute's old mitra and a deleted session's mitra cannot be told: the service would need
+  `REPLICA IDENTITY FULL` on chat_sessions, which logs every updated row's old image too.
+  Both are measured ("logical" and "logical, full").
+
+Then the latency from a commit to the consumer holding the changed mitra id (single writer,
+idle, and while 16 writers `end` sessions), and the WAL a slot retains while nobody reads it,
+with and without `max_slot_wal_keep_size`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import UUID
+
+import asyncpg
+
+from availability.local_stores import start_postgres
+from availability.settings import Settings
+from availability.truth import Truth
+
+from .common import progress
+from .footprint import _PREPARE, KINDS, MITRAS, database, pool_size, run_pgbench
+
+VARIANTS = ("none", "change table", "logical", "logical, full")
+POLL_SECONDS = 0.02
+SLOT = "availability_bench"
+CAP = "64MB"
+_COUNTED = ("active", "pending_payment")
+
+# Only chat_sessions rows leave the server; test_decoding still decodes the whole WAL.
+_GET_CHANGES = f"""
+SELECT data FROM pg_logical_slot_get_changes('{SLOT}', NULL, NULL,
+    'include-xids', '0', 'skip-empty-xacts', '1')
+WHERE data LIKE 'table public.chat_sessions: %'
+"""
+_MITRA = re.compile(r"mitra_id\[uuid\]:(?:'([0-9a-f-]{36})'|null)")
+_STATUS = re.compile(r"status\[text\]:'([a-z_]+)'")
+_SLOT_STATE = """
+SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained,
+       wal_status, safe_wal_size, invalidation_reason,
+       (SELECT sum(size) FROM pg_ls_waldir())::bigint AS pg_wal
+FROM pg_replication_slots WHERE slot_name = $1
+"""
+
+
+def _tuple(text: str) -> tuple[str | None, str | None]:
+    mitra, status = _MITRA.search(text), _STATUS.search(text)
+    return (mitra.group(1) if mitra else None, status.group(1) if status else None)
+
+
+def changed_mitras(line: str) -> set[str]:
+    """The mitras whose load a decoded chat_sessions change may move, as the triggers' WHEN
+    conditions decide it. Without an old row (default identity: any UPDATE, and a DELETE
+    carries only the id) the new row's mitra is all there is to go on."""
+    body = line.split(": ", 2)[2]
+    op = line.split(": ", 2)[1]
+    if "old-key: " in body:
+        old_text, _, new_text = body.partition(" new-tuple: ")
+        old, new = _tuple(old_text), _tuple(new_text)
+    elif op == "DELETE":
+        old, new = _tuple(body), (None, None)
+    elif op == "INSERT":
+        old, new = (None, None), _tuple(body)
+    else:  # UPDATE, default identity: the old row is unknown
+        new = _tuple(body)
+        return {new[0]} if new[0] else set()
+    was, now = (m is not None and s in _COUNTED for m, s in (old, new))
+    if was != now or (now and old[0] != new[0]):
+        return {m for m, s in (old, new) if m is not None and s in _COUNTED}
+    return set()
+
+
+@dataclass
+class Consumer:
+    """A poller's account: what it took, and when it first held each mitra id."""
+
+    seen: dict[str, float] = field(default_factory=dict)
+    polls: int = 0
+    rows: int = 0
+    poll_seconds: float = 0.0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by the first poll that finds nothing: what was pending before it started is taken."""
+
+    def note(self, ids: Iterable[str]) -> None:
+        """Called once the ids are parsed: in hand from now."""
+        now = time.perf_counter()
+        for mitra in ids:
+            self.seen.setdefault(mitra, now)
+
+
+async def poll_slot(url: str, consumer: Consumer) -> None:
+    """What the service would run instead of the change-table drain: read the slot, then
+    sleep for the poll interval whenever it had nothing."""
+    db = await asyncpg.connect(url)
+    try:
+        while not consumer.stop.is_set():
+            started = time.perf_counter()
+            lines = [r[0] for r in await db.fetch(_GET_CHANGES)]
+            consumer.poll_seconds += time.perf_counter() - started
+            consumer.polls += 1
+            consumer.rows += len(lines)
+            consumer.note([m for line in lines for m in changed_mitras(line)])
+            if not lines:
+                consumer.idle.set()
+                await asyncio.sleep(POLL_SECONDS)
+    finally:
+        await db.close()
+
+
+async def poll_table(url: str, consumer: Consumer) -> None:
+    """bench.footprint.drain, with an account of the ids taken."""
+    settings = Settings(database_url=url, valkey_url="redis://unused", database_pool_size=1)
+    truth = await Truth.connect(settings)
+    try:
+        while not consumer.stop.is_set():
+            started = time.perf_counter()
+            taken = await truth.take_changes(1000)
+            consumer.poll_seconds += time.perf_counter() - started
+            consumer.polls += 1
+            consumer.rows += len(taken)
+            consumer.note([str(m) for m in taken])
+            if not taken:
+                consumer.idle.set()
+                await asyncio.sleep(settings.change_poll_seconds)
+    finally:
+        await truth.close()
+
+
+@asynccontextmanager
+async def following(variant: str, url: str) -> AsyncIterator[Consumer]:
+    """The variant's consumer running for the duration (and its slot, made and dropped)."""
+    consumer = Consumer()
+    db = await asyncpg.connect(url)
+    task: asyncio.Task[None] | None = None
+    try:
+        if variant.startswith("logical"):
+            identity = "FULL" if variant == "logical, full" else "DEFAULT"
+            await db.execute(f"ALTER TABLE chat_sessions REPLICA IDENTITY {identity}")
+            await db.execute("SELECT pg_create_logical_replication_slot($1, 'test_decoding')", SLOT)
+            task = asyncio.create_task(poll_slot(url, consumer))
+        elif variant == "change table":
+            task = asyncio.create_task(poll_table(url, consumer))
+        if task is not None:
+            # The set-up's own changes (the change table's backlog) are not the run's.
+            await asyncio.wait_for(consumer.idle.wait(), 60.0)
+            consumer.polls = consumer.rows = 0
+            consumer.poll_seconds = 0.0
+        yield consumer
+    finally:
+        consumer.stop.set()
+        if task is not None:
+            await task
+        if variant.startswith("logical"):
+            await db.execute("SELECT pg_drop_replication_slot($1)", SLOT)
+        await db.close()
+
+
+async def prepare(url: str, kind: str, writers: int, pool: int) -> None:
+    """bench.footprint's untimed set-up of the rows a kind walks. bench.footprint runs the
+    kinds in order, each leaving the rows as the next expects them; run alone, a kind gets
+    the set-ups of those before it too (offer inserts the rows, accept gives them a mitra)."""
+    steps = list(_PREPARE)
+    if kind not in steps:
+        return
+    db = await asyncpg.connect(url)
+    try:
+        for step in steps[: steps.index(kind) + 1]:
+            args = (str(writers), writers, pool, MITRAS)
+            await db.execute(_PREPARE[step], *args[: _PREPARE[step].count("$4") + 3])
+    finally:
+        await db.close()
+
+
+async def wal_lsn(url: str) -> int:
+    db = await asyncpg.connect(url)
+    try:
+        return int(await db.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')"))
+    finally:
+        await db.close()
+
+
+@dataclass
+class Throughput:
+    tps: float = 0.0
+    wal_per_txn: float = 0.0
+
+
+async def measure_writers(
+    urls: dict[str, str],
+    seconds: float,
+    rounds: int,
+    writers: tuple[int, ...],
+    kinds: tuple[str, ...],
+    folder: Path,
+) -> dict[tuple[str, int, str], Throughput]:
+    """(kind, writers, variant) -> best tps (and WAL bytes per transaction of that run)."""
+    results: dict[tuple[str, int, str], Throughput] = {}
+    for count in writers:
+        pool = pool_size(count, seconds)
+        for n, kind in enumerate(kinds):
+            # Interleaved, each (kind, writers) starting from another variant: a burst of
+            # someone else's work on this shared machine lands on one run, not one variant.
+            shift = (n + writers.index(count)) % len(VARIANTS)
+            order = list(VARIANTS[shift:] + VARIANTS[:shift])
+            for _ in range(rounds):
+                for variant in order:
+                    url = urls[variant]
+                    await prepare(url, kind, count, pool)
+                    async with following(variant, url) as consumer:
+                        before = await wal_lsn(url)
+                        tps = await run_pgbench(url, kind, count, seconds, pool, folder)
+                        wal = await wal_lsn(url) - before
+                    best = results.setdefault((kind, count, variant), Throughput())
+                    if tps > best.tps:
+                        best.tps, best.wal_per_txn = tps, wal / max(1.0, tps * round(seconds))
+                    polls = max(1, consumer.polls)
+                    progress(
+                        f"{kind} x{count} {variant}: {tps:,.0f} tps, {wal / 1e6:.0f} MB WAL,"
+                        f" consumer {consumer.polls} polls, {consumer.rows} rows,"
+                        f" {consumer.poll_seconds / polls * 1000:.1f} ms a poll"
+                    )
+    return results
+
+
+async def latency(
+    variant: str,
+    url: str,
+    samples: int,
+    folder: Path,
+    load_seconds: float = 0.0,
+    load_writers: int = 16,
+) -> tuple[list[float], int, float]:
+    """ms from just before a single writer's INSERT of an active session (autocommit) to the
+    consumer holding its mitra's id; each sample a mitra of its own, outside the ones the
+    load touches, so nothing else can report it. With load_seconds, load_writers `end`
+    sessions on the same database meanwhile."""
+    db = await asyncpg.connect(url)
+    tag = f"{variant}:{load_seconds}:{load_writers}"
+    ids = [
+        str(r[0])
+        for r in await db.fetch(
+            "INSERT INTO mitras (id, display_name) SELECT md5($1 || g)::uuid, 'probe ' || g"
+            " FROM generate_series(1, $2) g RETURNING id",
+            tag,
+            samples,
+        )
+    ]
+    waits: list[float] = []
+    missed = 0
+    load: asyncio.Task[float] | None = None
+    pool = pool_size(load_writers, load_seconds)
+    if load_seconds:
+        await prepare(url, "end", load_writers, pool)
+    try:
+        async with following(variant, url) as consumer:
+            if load_seconds:
+                load = asyncio.create_task(
+                    run_pgbench(url, "end", load_writers, load_seconds, pool, folder)
+                )
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(0.2)
+            consumer.seen.clear()  # the probe mitras' own inserts, noted by the mitras trigger
+            for mitra in ids:
+                if load is not None and load.done():
+                    break
+                started = time.perf_counter()
+                await db.execute(
+                    "INSERT INTO chat_sessions (mitra_id, customer_id, status)"
+                    " VALUES ($1, gen_random_uuid(), 'active')",
+                    UUID(mitra),
+                )
+                deadline = started + 30.0
+                while mitra not in consumer.seen and time.perf_counter() < deadline:
+                    await asyncio.sleep(0.0005)
+                if mitra not in consumer.seen:
+                    missed += 1  # not in hand 30 s after its commit
+                    continue
+                waits.append((consumer.seen[mitra] - started) * 1000)
+                await asyncio.sleep(0.005)
+            if load is not None:
+                await load
+            per_poll = consumer.poll_seconds / max(1, consumer.polls) * 1000
+    finally:
+        if load is not None and not load.done():
+            load.cancel()
+            with suppress(asyncio.CancelledError, RuntimeError):
+                await load
+        await db.close()
+    return sorted(waits), missed, per_poll
+
+
+def mb(value: object) -> str:
+    """Bytes as MB; a lost slot has no restart_lsn, so nothing to count."""
+    return "-" if value is None else f"{int(str(value)) / 2**20:,.0f} MB"
+
+
+def percentile(sorted_ms: list[float], p: float) -> float:
+    return sorted_ms[min(len(sorted_ms) - 1, max(0, int(len(sorted_ms) * p) - 1))]
+
+
+async def slot_state(db: asyncpg.Connection, slot: str) -> dict[str, object]:
+    row = await db.fetchrow(_SLOT_STATE, slot)
+    return dict(row) if row is not None else {}
+
+
+async def retention(url: str, hold_seconds: float, folder: Path) -> list[tuple[str, str]]:
+    """A slot nobody reads, under 16 writers accepting sessions (full identity, as the
+    service would need): what it keeps, then the same under max_slot_wal_keep_size."""
+    out: list[tuple[str, str]] = []
+    db = await asyncpg.connect(url)
+    try:
+        await db.execute("ALTER TABLE chat_sessions REPLICA IDENTITY FULL")
+
+        async def load(seconds: float) -> float:
+            pool = pool_size(16, seconds)
+            await prepare(url, "accept", 16, pool)
+            return await run_pgbench(url, "accept", 16, seconds, pool, folder)
+
+        # Uncapped: a consumer stopped for hold_seconds.
+        await db.execute("SELECT pg_create_logical_replication_slot($1, 'test_decoding')", SLOT)
+        started = time.perf_counter()
+        tps = await load(hold_seconds)
+        held = time.perf_counter() - started
+        await db.execute("CHECKPOINT")
+        state = await slot_state(db, SLOT)
+        retained = int(str(state["retained"]))
+        rate = retained / held
+        out.append(
+            (
+                f"slot unread {held:.0f} s, 16 writers accepting ({tps:,.0f} tps),"
+                " no cap, after a CHECKPOINT",
+                f"{mb(retained)} retained (pg_wal {mb(state['pg_wal'])}),"
+                f" wal_status={state['wal_status']}; {rate / 2**20:.1f} MB/s,"
+                f" i.e. {rate * 3600 / 2**30:,.0f} GB an hour the service is down",
+            )
+        )
+        started = time.perf_counter()
+        rows = len(await db.fetch(_GET_CHANGES))
+        caught_up = time.perf_counter() - started
+        out.append(
+            (
+                "catching up: one pg_logical_slot_get_changes over that backlog",
+                f"{caught_up:.1f} s to decode {retained / 2**20:,.0f} MB ({rows:,} chat_sessions"
+                f" rows), i.e. {retained / 2**20 / caught_up:,.0f} MB/s"
+                " (held in memory/spilled by the one call)",
+            )
+        )
+        await db.execute("SELECT pg_drop_replication_slot($1)", SLOT)
+
+        # Capped: the slot is given up once it holds more than CAP.
+        await db.execute(f"ALTER SYSTEM SET max_slot_wal_keep_size = '{CAP}'")
+        await db.execute("SELECT pg_reload_conf()")
+        await asyncio.sleep(0.5)
+        await db.execute("SELECT pg_create_logical_replication_slot($1, 'test_decoding')", SLOT)
+        started = time.perf_counter()
+        before: dict[str, object] = {}
+        tps = 0.0
+        while time.perf_counter() - started < 6 * hold_seconds:
+            tps = max(tps, await load(hold_seconds / 2))
+            before = await slot_state(db, SLOT)
+            lost = before["wal_status"] == "lost"
+            if lost or int(str(before["retained"])) > 2 * 64 * 2**20:
+                break
+        await db.execute("CHECKPOINT")
+        after = await slot_state(db, SLOT)
+        try:
+            await db.fetch(_GET_CHANGES)
+            read = "still readable"
+        except asyncpg.PostgresError as error:
+            read = f"reading it fails: {type(error).__name__}: {str(error).splitlines()[0]}"
+        out.append(
+            (
+                f"max_slot_wal_keep_size={CAP}, slot unread"
+                f" {time.perf_counter() - started:.0f} s under the same load",
+                f"before the last CHECKPOINT: {mb(before['retained'])} behind,"
+                f" wal_status={before['wal_status']}; after: wal_status={after['wal_status']},"
+                f" invalidation_reason={after['invalidation_reason']}, pg_wal"
+                f" {mb(after['pg_wal'])}; {read}",
+            )
+        )
+        await db.execute("SELECT pg_drop_replication_slot($1)", SLOT)
+        await db.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        await db.execute("SELECT pg_reload_conf()")
+    finally:
+        await db.close()
+    return out
+
+
+def table(
+    results: dict[tuple[str, int, str], Throughput],
+    value: Callable[[Throughput, Throughput], str],
+) -> list[str]:
+    lines = [
+        "| statement | writers | " + " | ".join(VARIANTS) + " |",
+        "| --- | --- |" + " --- |" * len(VARIANTS),
+    ]
+    for kind, count in dict.fromkeys((k, c) for k, c, _ in results):
+        none = results[(kind, count, "none")]
+        cells = [value(results[(kind, count, v)], none) for v in VARIANTS]
+        lines.append(f"| {KINDS[kind][0]} | {count} | " + " | ".join(cells) + " |")
+    return lines
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--writers", type=int, nargs="+", default=[16, 4])
+    parser.add_argument("--kinds", nargs="+", default=["accept", "end", "create"])
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--hold-seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="availability-logical-"))
+    progress(f"throwaway Postgres (wal_level=logical) in {folder}")
+    server = start_postgres(folder / "pg", settings={"wal_level": "logical"})
+    lines: list[str] = []
+    try:
+        async with (
+            database(server.dsn, "logical_none", False) as none,
+            database(server.dsn, "logical_table", True) as change_table,
+            database(server.dsn, "logical_slot", False) as slot,
+        ):
+            urls = {"none": none, "change table": change_table}
+            urls |= {"logical": slot, "logical, full": slot}
+            admin = await asyncpg.connect(server.dsn)
+            version = await admin.fetchval("SHOW server_version")
+            shown = {
+                name: await admin.fetchval(f"SHOW {name}")
+                for name in ("wal_level", "fsync", "shared_buffers", "max_wal_size")
+            }
+            await admin.close()
+            load_average = os.getloadavg()[0]
+
+            results = await measure_writers(
+                urls,
+                args.seconds,
+                args.rounds,
+                tuple(args.writers),
+                tuple(args.kinds),
+                folder,
+            )
+
+            latencies: dict[tuple[str, str], tuple[list[float], int, float]] = {}
+            for variant in ("change table", "logical, full"):
+                progress(f"latency: {variant}")
+                latencies[(variant, "idle")] = await latency(
+                    variant, urls[variant], args.samples, folder
+                )
+                for count in args.writers:
+                    latencies[(variant, f"{count} writers ending sessions")] = await latency(
+                        variant, urls[variant], args.samples, folder, 4 * args.seconds, count
+                    )
+
+            progress("WAL retained by an unread slot")
+            kept = await retention(slot, args.hold_seconds, folder)
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    lines.append(
+        f"Postgres {version} ({', '.join(f'{k}={v}' for k, v in shown.items())}),"
+        f" synchronous_commit=off for pgbench, {MITRAS:,} mitras; best of {args.rounds}"
+        f" interleaved {args.seconds:.0f} s runs; load average {load_average:.1f} at the start"
+        f" on {os.cpu_count()} cores shared with other test runs, so figures are noisy.\n"
+    )
+    lines += ["Writers' throughput (tps, and ratio to none):", ""]
+    lines += table(results, lambda r, n: f"{r.tps:,.0f} ({r.tps / n.tps:.2f}x)")
+    lines += ["", "WAL per pgbench transaction (bytes, best run; accept is two commits):", ""]
+    lines += table(results, lambda r, n: f"{r.wal_per_txn:,.0f}")
+    lines += [
+        "",
+        "Commit to the consumer holding the mitra id (single writer, 20 ms poll):",
+        "",
+        "| consumer | while | samples | p50 | p99 | max | not seen in 30 s | a poll takes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (variant, load), (waits, missed, per_poll) in latencies.items():
+        figures = " | ".join(
+            f"{percentile(waits, p):.1f} ms" if waits else "-" for p in (0.5, 0.99, 1.0)
+        )
+        lines.append(
+            f"| {variant} | {load} | {len(waits)} | {figures} | {missed} | {per_poll:.1f} ms |"
+        )
+    lines += ["", "A slot nobody reads:", "", "| case | figure |", "| --- | --- |"]
+    lines += [f"| {case} | {figure} |" for case, figure in kept]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
