@@ -188,10 +188,7 @@ asyncio.run(main())
 """
 FLOOD_LOOPS = 1
 """The runaway backend: a loop calling again the moment an answer comes back."""
-WIDE_FLOOD_LOOPS = 4
-"""A wider flood, measured and printed, not asserted: past about one loop's worth, the
-refusals alone keep a core busy (each costs about a no-op RPC: grpc's own work per call)."""
-ROUNDS = 15
+ROUNDS = 12
 SAMPLES = 150
 
 
@@ -308,9 +305,9 @@ async def test_a_flooding_caller_does_not_starve_another(
     is measured twice: with no flood at all (printed), and with the same flood sent to a decoy
     server that refuses every call at once (the control the 2x bound is held against): the
     machine as busy, the pairing service's server not flooded. Robust: the phases (no flood,
-    the control, the flood, and for comparison the flood by a caller without limits and a
-    wider one) take turns, ROUNDS times SAMPLES calls each, in the same run, so other suites
-    on the machine weigh on all alike; the flooders run at nice 19, as their CPU would be other
+    the control, the flood, and for comparison the flood by a caller without limits) take
+    turns, ROUNDS times SAMPLES calls each, in the same run, so other suites on the machine
+    weigh on all alike; the flooders run at nice 19, as their CPU would be other
     hosts' in production, while the server they flood gets no such help."""
     address, tokens, server_pid = serving
     for i in range(300):
@@ -341,7 +338,6 @@ async def test_a_flooding_caller_does_not_starve_another(
             "elsewhere": await Flooder.start(decoy, tokens["runaway"], FLOOD_LOOPS),
             "limited": await Flooder.start(address, tokens["runaway"], FLOOD_LOOPS),
             "unlimited": await Flooder.start(address, tokens["unlimited"], FLOOD_LOOPS),
-            "wide": await Flooder.start(address, tokens["runaway"], WIDE_FLOOD_LOOPS),
         }
         took: dict[str, list[float]] = {"quiet": [], **{name: [] for name in flooders}}
         busy = dict.fromkeys(took, 0.0)
@@ -379,7 +375,6 @@ async def test_a_flooding_caller_does_not_starve_another(
         "elsewhere": "the same flood at another server",
         "limited": f"with the flood ({FLOOD_LOOPS} loop, limited)",
         "unlimited": f"same flood, no limits ({FLOOD_LOOPS} loop)",
-        "wide": f"limited, {WIDE_FLOOD_LOOPS} loops",
     }
     for name, label in described.items():
         lines.append(
