@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from availability.callers import SCOPES, CallersError, hash_token, parse
+from availability.local_stores import free_port
 from availability.logs import JsonFormatter
 from availability.server import Server, running
 from availability.settings import Settings, SettingsError
@@ -502,13 +502,6 @@ async def test_the_caller_is_in_every_log_line_the_metrics_and_the_span(
     assert secret not in "\n".join(logged.lines)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def workers(
     settings: Settings, db: asyncpg.Connection, callers_path: Path, tmp_path: Path
@@ -516,7 +509,7 @@ def workers(
     """`availability serve --workers 2` polling the file only once an hour: SIGHUP reloads."""
     tokens = [token("first"), token("second")]
     write_callers(callers_path, {"pairing": {"tokens": [tokens[0]], "scopes": ["read"]}})
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = store_env(
         settings,
         address,

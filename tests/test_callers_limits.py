@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import grpc
 import pytest
 
 from availability.interceptors import RETRY_AFTER_HEADER
+from availability.local_stores import free_port
 from availability.server import Server, running
 from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
@@ -188,7 +188,7 @@ asyncio.run(main())
 """
 FLOOD_LOOPS = 1
 """The runaway backend: a loop calling again the moment an answer comes back."""
-ROUNDS = 12
+ROUNDS = 8
 SAMPLES = 150
 
 
@@ -233,13 +233,6 @@ async def decoy() -> AsyncIterator[str]:
         await process.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def serving(
     settings: Settings, db: asyncpg.Connection, tmp_path: Path
@@ -261,7 +254,7 @@ def serving(
             "unlimited": {"tokens": [tokens["unlimited"]], "scopes": ["read"]},
         },
     )
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = store_env(settings, address, AUTH_CALLERS_FILE=str(path), METRICS_ADDRESS="")
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(

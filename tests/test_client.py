@@ -121,7 +121,8 @@ class Flaky(pb_grpc.AvailabilityServiceServicer):
 
 
 @contextlib.asynccontextmanager
-async def flaky_server(servicer: Flaky) -> AsyncIterator[int]:
+async def flaky_server(servicer: pb_grpc.AvailabilityServiceServicer) -> AsyncIterator[int]:
+    """A stand-in server for what a real one cannot be made to do on cue."""
     server = grpc.aio.server()
     pb_grpc.add_AvailabilityServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -4,8 +4,6 @@ and each caller gets what a lone Heartbeat would have given it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
 
@@ -18,6 +16,7 @@ from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
 from .helpers import Fleet, scrape_metrics
+from .test_client import flaky_server
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -137,21 +136,9 @@ class Overloaded(Older):
         raise AssertionError("abort raises")
 
 
-@contextlib.asynccontextmanager
-async def older_server(servicer: Older) -> AsyncIterator[int]:
-    server = grpc.aio.server()
-    pb_grpc.add_AvailabilityServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield port
-    finally:
-        await server.stop(None)
-
-
 async def test_a_server_without_batch_heartbeat_gets_unary_calls() -> None:
     servicer = Older()
-    async with older_server(servicer) as port, AvailabilityClient(f"127.0.0.1:{port}") as client:
+    async with flaky_server(servicer) as port, AvailabilityClient(f"127.0.0.1:{port}") as client:
         first = await asyncio.gather(*(client.heartbeat(uuid4()) for _ in range(4)))
         then = await client.heartbeat(uuid4())
     assert first == [True] * 4 and then is True
@@ -160,7 +147,7 @@ async def test_a_server_without_batch_heartbeat_gets_unary_calls() -> None:
 
 async def test_a_failed_batch_is_retried_then_fails_every_waiter_with_its_status() -> None:
     servicer = Overloaded()
-    async with older_server(servicer) as port, AvailabilityClient(f"127.0.0.1:{port}") as client:
+    async with flaky_server(servicer) as port, AvailabilityClient(f"127.0.0.1:{port}") as client:
         answers = await asyncio.gather(*(answer(client, uuid4()) for _ in range(3)))
     assert answers == [(grpc.StatusCode.UNAVAILABLE, "overloaded")] * 3
     assert servicer.batches == 4, "retried as the service config says"
