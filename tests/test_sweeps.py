@@ -261,7 +261,15 @@ async def test_reconcile_heals_every_kind_of_drift(
     async def all_mirrored() -> bool:
         return await valkey.hlen(keys.capacity) == 6 and await valkey.hlen(keys.loads) == 6
 
+    async def change_drained() -> bool:
+        noted = "SELECT count(*) FROM availability_changes WHERE mitra_id = $1"
+        return await db.fetchval(noted, online[0]) == 0
+
     await eventually(all_mirrored)
+    # The session's change is taken by the listener and resynced: let that resync land
+    # before the drift is made, or it heals the wrong load before the reconcile can.
+    await eventually(change_drained)
+    await asyncio.sleep(0.2)
     expected = await snapshot(valkey, keys)
     ghost = str(uuid.uuid4())
 
