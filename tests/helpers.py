@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -174,3 +176,14 @@ def store_env(settings: Settings, address: str, **extra: str) -> dict[str, str]:
 def server_env(server: Server, **extra: str) -> dict[str, str]:
     """The environment of a command run next to this server (`availability status`, ...)."""
     return store_env(server.settings, f"127.0.0.1:{server.port}", **extra)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as Kubernetes and systemd stop the server; SIGKILL after 30 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

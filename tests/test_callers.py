@@ -37,7 +37,7 @@ from availability.v1 import dashboard_pb2 as dashboard_pb
 
 from .callers_file import callers_toml, token, write_callers
 from .certificates import Authority
-from .helpers import Fleet, code_of, eventually, scrape_metrics, store_env
+from .helpers import Fleet, code_of, eventually, scrape_metrics, stop_process, store_env
 
 SERVICES = (
     pb.DESCRIPTOR.services_by_name["AvailabilityService"],
@@ -528,12 +528,7 @@ def workers(
     try:
         yield process, address, tokens
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
 
 

@@ -27,7 +27,7 @@ from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
 from .callers_file import token, write_callers
-from .helpers import Fleet, eventually, store_env
+from .helpers import Fleet, eventually, stop_process, store_env
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -263,12 +263,7 @@ def serving(
     try:
         yield address, tokens, process.pid
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
 
 

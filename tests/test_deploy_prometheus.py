@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, store_env
+from .helpers import Fleet, stop_process, store_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -214,16 +213,6 @@ def _wait_health(address: str, process: subprocess.Popen[bytes], log: Path) -> N
     raise AssertionError(f"availability serve not SERVING within 60 s:\n{log.read_text()[-3000:]}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @dataclass
 class Served:
     address: str
@@ -256,7 +245,7 @@ def served(
         _wait_health(address, process, log)
         yield Served(address, metrics)
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @pytest.fixture
@@ -300,7 +289,7 @@ def prometheus(served: Served, tmp_path: Path) -> Iterator[Prometheus]:
             time.sleep(0.2)
         yield Prometheus(url)
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 def _ready(url: str) -> bool:
