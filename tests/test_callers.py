@@ -546,8 +546,18 @@ async def test_sighup_reloads_every_worker(
                 found.add((await call(channel, "CountAvailableMitras", bearer(secret)))[0])
         return found
 
+    def listening() -> int:
+        """Sockets listening on the port: one a worker (SO_REUSEPORT)."""
+        port = f"{int(address.rpartition(':')[2]):04X}"
+        return sum(
+            line.split()[1].endswith(f":{port}") and line.split()[3] == "0A"
+            for table in ("/proc/net/tcp", "/proc/net/tcp6")
+            for line in Path(table).read_text().splitlines()[1:]
+        )
+
     async def serving() -> bool:
-        return await codes(first, 4) == {grpc.StatusCode.OK}
+        # Both workers up before the file changes, or a late one starts on the new file.
+        return listening() >= 2 and await codes(first, 4) == {grpc.StatusCode.OK}
 
     await eventually(serving, timeout=60, interval=0.5)
     write_callers(callers_path, {"pairing": {"tokens": [second], "scopes": ["read"]}})
