@@ -15,8 +15,10 @@ import asyncio
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
@@ -31,11 +33,18 @@ WRITERS = (1, 4, 16)
 MITRAS = 10_000
 SESSIONS = 200_000
 TARGET = 0.8
+LOAD_POLL_SECONDS = 0.05
+FOLLOWING = {
+    "triggers": "with the service's triggers",
+    "load poll": "with no trigger, loads polled (LOAD_POLL_SECONDS=0.05)",
+}
 
-# A session the script works on: its own rows per writer count and client, walked in order
-# (wrapping), so each statement moves a row from the state the previous kind left it in.
+# The session a script works on: its own row per writer count, client and transaction
+# number, each walked once (pgbench --transactions, never wrapping), so every timed statement
+# makes the transition its kind names on a row in the state the chat backend leaves it in
+# (an end really ends an active session, and our triggers fire as they would).
 _ROW = "md5(:w::text || ':' || :client_id::text || ':' || :k::text)::uuid"
-_NEXT = "\\set i :i + 1\n\\set k :i % :pool\n"
+_NEXT = "\\set i :i + 1\n\\set k :i\n"
 
 KINDS: dict[str, tuple[str, str]] = {
     # kind: (what the chat backend does, its pgbench script)
@@ -66,28 +75,16 @@ KINDS: dict[str, tuple[str, str]] = {
     ),
 }
 
-# Before each kind, the rows it walks are put in the state that kind expects (untimed).
-_PREPARE = {
-    "offer": """
-        INSERT INTO chat_sessions (id, customer_id, status)
-        SELECT md5($1 || ':' || c || ':' || k)::uuid, gen_random_uuid(), 'searching'
-        FROM generate_series(0, $2 - 1) c, generate_series(0, $3 - 1) k
-        ON CONFLICT (id) DO UPDATE SET status = 'searching', mitra_id = NULL
-    """,
-    "accept": """
-        UPDATE chat_sessions SET status = 'pending_acceptance',
-            mitra_id = coalesce(mitra_id, md5('m' || (1 + abs(hashtext(id::text)) % $4))::uuid)
-        WHERE id IN (SELECT md5($1 || ':' || c || ':' || k)::uuid
-                     FROM generate_series(0, $2 - 1) c, generate_series(0, $3 - 1) k)
-          AND status <> 'pending_acceptance'
-    """,
-    "end": """
-        UPDATE chat_sessions SET status = 'active'
-        WHERE id IN (SELECT md5($1 || ':' || c || ':' || k)::uuid
-                     FROM generate_series(0, $2 - 1) c, generate_series(0, $3 - 1) k)
-          AND status <> 'active'
-    """,
-}
+# Before each timed run, the rows its kind walks are put in the state that kind expects
+# (untimed): searching for an offer, offered to a mitra for an accept, active for an end.
+_BEFORE = {"offer": "searching", "accept": "pending_acceptance", "end": "active"}
+_PREPARE = """
+    INSERT INTO chat_sessions (id, customer_id, status, mitra_id)
+    SELECT md5($1 || ':' || c || ':' || k)::uuid, gen_random_uuid(), $4,
+           CASE WHEN $4 <> 'searching' THEN md5('m' || (1 + (c * 7919 + k) % $5))::uuid END
+    FROM generate_series(0, $2 - 1) c, generate_series(0, $3 - 1) k
+    ON CONFLICT (id) DO UPDATE SET status = excluded.status, mitra_id = excluded.mitra_id
+"""
 
 _SEED = """
 INSERT INTO mitras (id, display_name, max_concurrent_sessions)
@@ -113,16 +110,24 @@ def pgbench() -> str:
 
 
 @asynccontextmanager
-async def database(admin_dsn: str, name: str, installed: bool) -> AsyncIterator[str]:
+async def database(
+    admin_dsn: str, name: str, installed: bool, triggers: bool = True
+) -> AsyncIterator[str]:
     """A migrated, seeded database; without `installed`, our triggers do not fire on the
-    tables the chat backend writes, as if the service had never been there."""
+    tables the chat backend writes, as if the service had never been there; without
+    `triggers`, migrated with CHAT_SESSION_TRIGGERS=false."""
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     await admin.execute(f'CREATE DATABASE "{name}"')
     url = admin_dsn.rpartition("/")[0] + f"/{name}"
     try:
         truth = await Truth.connect(
-            Settings(database_url=url, valkey_url="redis://unused", database_timeout_seconds=600)
+            Settings(
+                database_url=url,
+                valkey_url="redis://unused",
+                database_timeout_seconds=600,
+                chat_session_triggers=triggers,
+            )
         )
         await truth.migrate()
         await truth.close()
@@ -159,31 +164,50 @@ async def drain(url: str) -> None:
         await truth.close()
 
 
+async def follow_loads(url: str, polls: list[float]) -> None:
+    """What the service runs instead with CHAT_SESSION_TRIGGERS=false and LOAD_POLL_SECONDS
+    (listener.py, on the one instance that leads): every loaded mitra's load from the load
+    index, and the states of those whose load moved (the resync's Postgres half). `polls`
+    gets each poll's seconds."""
+    settings = Settings(database_url=url, valkey_url="redis://unused", database_pool_size=1)
+    truth = await Truth.connect(settings)
+    try:
+        async with truth.dedicated() as conn:
+            last = await truth.loads(conn)
+            while True:
+                started = time.perf_counter()
+                loads = await truth.loads(conn)
+                moved = [m for m in loads.keys() | last.keys() if loads.get(m) != last.get(m)]
+                last = loads
+                if moved:
+                    await truth.states(moved)
+                polls.append(time.perf_counter() - started)
+                await asyncio.sleep(LOAD_POLL_SECONDS)
+    finally:
+        await truth.close()
+
+
 async def run_pgbench(
     url: str,
     kind: str,
     writers: int,
-    seconds: float,
-    pool: int,
+    transactions: int,
     folder: Path,
     synchronous: bool = False,
 ) -> float:
+    """tps of `transactions` scripts per writer, each on its own row."""
     script = folder / f"{kind}.sql"
     script.write_text(KINDS[kind][1])
-    db = await asyncpg.connect(url)
-    await db.execute("CHECKPOINT")
-    await db.close()
     command = [
         pgbench(),
         "--no-vacuum",
         "--protocol=prepared",
         f"--client={writers}",
         f"--jobs={min(writers, 4)}",
-        f"--time={max(1, round(seconds))}",
+        f"--transactions={transactions}",
         f"--file={script}",
         f"--define=w={writers}",
         "--define=i=-1",
-        f"--define=pool={pool}",
         f"--define=mitras={MITRAS}",
         url,
     ]
@@ -201,10 +225,36 @@ async def run_pgbench(
     return float(found.group(1))
 
 
-def pool_size(writers: int, seconds: float) -> int:
-    """Rows per client: more than one client gets through in a run, at up to 6,000 updates/s
-    shared by the writers."""
-    return max(1000, int(6000 * seconds / writers))
+async def prepare(url: str, kind: str, writers: int, transactions: int) -> None:
+    """Put the rows a run walks in the state its kind expects, and wait until the drainer
+    has taken the changes that made (so the timed run starts from an empty change table)."""
+    db = await asyncpg.connect(url)
+    try:
+        if kind in _BEFORE:
+            await db.execute(_PREPARE, str(writers), writers, transactions, _BEFORE[kind], MITRAS)
+        await db.execute("VACUUM chat_sessions")
+        while await db.fetchval("SELECT EXISTS (SELECT 1 FROM availability_changes)"):
+            await asyncio.sleep(0.02)
+        await db.execute("CHECKPOINT")
+    finally:
+        await db.close()
+
+
+async def timed(
+    url: str, kind: str, writers: int, transactions: int, folder: Path, synchronous: bool
+) -> float:
+    await prepare(url, kind, writers, transactions)
+    return await run_pgbench(url, kind, writers, transactions, folder, synchronous)
+
+
+@dataclass
+class Footprint:
+    """One (kind, writers) pair of runs: best tps with our objects and without them, and
+    under the load poll, how long its polls took meanwhile (seconds, sorted)."""
+
+    on: float
+    off: float
+    polls: list[float] = field(default_factory=list)
 
 
 async def measure(
@@ -213,86 +263,110 @@ async def measure(
     writers: tuple[int, ...] = WRITERS,
     kinds: tuple[str, ...] = tuple(KINDS),
     rounds: int = 2,
-    install: Callable[[str], object] | None = None,
     synchronous: bool = False,
-) -> dict[tuple[str, int], tuple[float, float]]:
-    """(kind, writers) -> (tps with our objects, tps without them)."""
-    results: dict[tuple[str, int], tuple[float, float]] = {}
+    following: str = "triggers",
+) -> dict[tuple[str, int], Footprint]:
+    """(kind, writers) -> figures, the service following chat_sessions by `following`."""
+    results: dict[tuple[str, int], Footprint] = {}
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"availability-footprint-{os.getpid()}"
     folder.mkdir(parents=True, exist_ok=True)
+    triggers = following == "triggers"
+    polls: list[float] = []
     async with (
-        database(admin_dsn, "availability_footprint_on", True) as on,
+        database(admin_dsn, "availability_footprint_on", True, triggers) as on,
         database(admin_dsn, "availability_footprint_off", False) as off,
     ):
-        if install is not None:
-            install(on)
-        drainer = asyncio.create_task(drain(on))
+        follower = asyncio.create_task(drain(on) if triggers else follow_loads(on, polls))
         try:
             for count in writers:
-                pool = pool_size(count, seconds)
                 for kind in kinds:
+                    # Sized from a short run without our objects, for runs of about
+                    # `seconds`: every row is walked once, however fast the machine.
+                    rate = await timed(off, kind, count, max(50, 2000 // count), folder, False)
+                    transactions = max(100, int(rate * seconds / count))
                     tps = {"on": 0.0, "off": 0.0}
+                    taken: list[float] = []
                     # Interleaved rounds, best of each: the machine is shared and a burst of
                     # someone else's work would otherwise land on one side only.
                     order = [(on, "on"), (off, "off")]
                     if (count + list(KINDS).index(kind)) % 2:
                         order.reverse()
                     for url, label in order * rounds:
-                        if kind in _PREPARE:
-                            db = await asyncpg.connect(url)
-                            args = (str(count), count, pool, MITRAS)
-                            await db.execute(
-                                _PREPARE[kind], *args[: _PREPARE[kind].count("$4") + 3]
-                            )
-                            await db.close()
+                        await prepare(url, kind, count, transactions)
+                        polls.clear()
                         measured = await run_pgbench(
-                            url, kind, count, seconds, pool, folder, synchronous
+                            url, kind, count, transactions, folder, synchronous
                         )
+                        if label == "on":
+                            taken += polls
                         tps[label] = max(tps[label], measured)
-                    results[(kind, count)] = (tps["on"], tps["off"])
+                    results[(kind, count)] = Footprint(tps["on"], tps["off"], sorted(taken))
                     progress(
-                        f"footprint: {kind} at {count} writers: {tps['on']:,.0f} tps with our"
-                        f" objects, {tps['off']:,.0f} without ({tps['on'] / tps['off']:.2f}x)"
+                        f"footprint ({following}): {kind} at {count} writers:"
+                        f" {tps['on']:,.0f} tps with our objects, {tps['off']:,.0f} without"
+                        f" ({tps['on'] / tps['off']:.2f}x), {transactions:,} statements per"
+                        f" writer{poll_figures(sorted(taken))}"
                     )
         finally:
-            drainer.cancel()
+            follower.cancel()
             with suppress(asyncio.CancelledError):
-                await drainer
+                await follower
     shutil.rmtree(folder, ignore_errors=True)
     return results
 
 
-def rows(results: dict[tuple[str, int], tuple[float, float]], seconds: float) -> list[Row]:
+def poll_figures(polls: list[float]) -> str:
+    if not polls:
+        return ""
+    median, p99 = polls[len(polls) // 2], polls[max(0, int(len(polls) * 0.99) - 1)]
+    return f"; a load poll took {median * 1000:.1f} ms median, {p99 * 1000:.1f} ms p99"
+
+
+def rows(
+    results: dict[tuple[str, int], Footprint], seconds: float, following: str = "triggers"
+) -> list[Row]:
     out = []
-    for (kind, writers), (on, off) in results.items():
-        ratio = on / off
+    for (kind, writers), figures in results.items():
+        ratio = figures.on / figures.off
         gated = writers == max(WRITERS)
+        polled = poll_figures(figures.polls)
         out.append(
             Row(
-                f"chat backend's writes, {KINDS[kind][0]}, {writers} writer(s)",
-                f"{on:,.0f} tps with the service's triggers",
-                f"{off:,.0f} tps without them (DISABLE TRIGGER USER)",
+                f"chat backend's writes, {KINDS[kind][0]}, {writers} writer(s),"
+                f" {FOLLOWING[following]}",
+                f"{figures.on:,.0f} tps with our objects",
+                f"{figures.off:,.0f} tps without them (DISABLE TRIGGER USER)",
                 ratio,
                 f">= {TARGET}x at {max(WRITERS)} writers" if gated else "report",
                 ratio >= TARGET if gated else None,
-                f"pgbench, best of interleaved {seconds:.0f} s runs, {MITRAS:,} mitras,"
-                f" {SESSIONS:,} sessions, synchronous_commit=off on both sides (the disk's"
-                " noise out, our share of each write larger); ratio = with / without",
+                f"pgbench, best of interleaved {seconds:.0f} s runs, each statement on a row of"
+                f" its own, {MITRAS:,} mitras, {SESSIONS:,} sessions, synchronous_commit=off on"
+                " both sides (the disk's noise out, our share of each write larger); ratio ="
+                f" with / without{polled}",
             )
         )
     return out
 
 
 async def bench_footprint(admin_dsn: str, quick: bool) -> list[Row]:
-    seconds, rounds = (3.0, 1) if quick else (6.0, 2)
-    progress(f"footprint: pgbench, {seconds:.0f} s per run, best of {rounds}")
-    return rows(await measure(admin_dsn, seconds, rounds=rounds), seconds)
+    """Both ways of following chat_sessions: the triggers (the default) at 1, 4 and 16
+    writers; no trigger and the load poll at 16 writers."""
+    seconds, rounds = (3.0, 1) if quick else (5.0, 2)
+    progress(f"footprint: pgbench, about {seconds:.0f} s per run, best of {rounds}")
+    out = rows(await measure(admin_dsn, seconds, rounds=rounds), seconds)
+    polled = await measure(
+        admin_dsn, seconds, (max(WRITERS),), rounds=rounds, following="load poll"
+    )
+    return out + rows(polled, seconds, "load poll")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--writers", type=int, nargs="+", default=list(WRITERS))
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--following", choices=list(FOLLOWING), default="triggers")
     parser.add_argument(
         "--synchronous-commit",
         action="store_true",
@@ -305,13 +379,18 @@ async def main() -> None:
     )
     args = parser.parse_args()
     measured = await measure(
-        args.database_url, args.seconds, rounds=args.rounds, synchronous=args.synchronous_commit
+        args.database_url,
+        args.seconds,
+        tuple(args.writers),
+        tuple(args.kinds),
+        rounds=args.rounds,
+        synchronous=args.synchronous_commit,
+        following=args.following,
     )
-    results = rows(measured, args.seconds)
-    print("| statement | writers | with our triggers | without | ratio |")
+    print("| statement | with our objects | without | ratio | met |")
     print("| --- | --- | --- | --- | --- |")
-    for r in results:
-        print(f"| {r.case} | {r.figure} | {r.comparison} | {r.ratio:.2f} | {r.met} |")
+    for r in rows(measured, args.seconds, args.following):
+        print(f"| {r.case} | {r.figure} | {r.comparison} | {r.ratio:.2f}x | {r.met} |")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from availability.settings import Settings
 from availability.truth import Truth
 
 from .common import progress
-from .footprint import _PREPARE, KINDS, MITRAS, database, pool_size, run_pgbench
+from .footprint import _BEFORE, _PREPARE, KINDS, MITRAS, database, run_pgbench
 
 VARIANTS = ("none", "change table", "logical", "logical, full")
 POLL_SECONDS = 0.02
@@ -177,20 +177,21 @@ async def following(variant: str, url: str) -> AsyncIterator[Consumer]:
         await db.close()
 
 
-async def prepare(url: str, kind: str, writers: int, pool: int) -> None:
-    """bench.footprint's untimed set-up of the rows a kind walks. bench.footprint runs the
-    kinds in order, each leaving the rows as the next expects them; run alone, a kind gets
-    the set-ups of those before it too (offer inserts the rows, accept gives them a mitra)."""
-    steps = list(_PREPARE)
-    if kind not in steps:
+async def prepare(url: str, kind: str, writers: int, transactions: int) -> None:
+    """bench.footprint's untimed set-up of the rows a kind walks (each walked once), without
+    waiting for a drainer: here the consumers run only while they are measured."""
+    if kind not in _BEFORE:
         return
     db = await asyncpg.connect(url)
     try:
-        for step in steps[: steps.index(kind) + 1]:
-            args = (str(writers), writers, pool, MITRAS)
-            await db.execute(_PREPARE[step], *args[: _PREPARE[step].count("$4") + 3])
+        await db.execute(_PREPARE, str(writers), writers, transactions, _BEFORE[kind], MITRAS)
     finally:
         await db.close()
+
+
+def transactions_for(writers: int, seconds: float) -> int:
+    """Statements per writer for a run of about `seconds` at up to 15,000 a second shared."""
+    return max(100, int(15_000 * seconds / writers))
 
 
 async def wal_lsn(url: str) -> int:
@@ -218,7 +219,7 @@ async def measure_writers(
     """(kind, writers, variant) -> best tps (and WAL bytes per transaction of that run)."""
     results: dict[tuple[str, int, str], Throughput] = {}
     for count in writers:
-        pool = pool_size(count, seconds)
+        transactions = transactions_for(count, seconds)
         for n, kind in enumerate(kinds):
             # Interleaved, each (kind, writers) starting from another variant: a burst of
             # someone else's work on this shared machine lands on one run, not one variant.
@@ -227,14 +228,14 @@ async def measure_writers(
             for _ in range(rounds):
                 for variant in order:
                     url = urls[variant]
-                    await prepare(url, kind, count, pool)
+                    await prepare(url, kind, count, transactions)
                     async with following(variant, url) as consumer:
                         before = await wal_lsn(url)
-                        tps = await run_pgbench(url, kind, count, seconds, pool, folder)
+                        tps = await run_pgbench(url, kind, count, transactions, folder)
                         wal = await wal_lsn(url) - before
                     best = results.setdefault((kind, count, variant), Throughput())
                     if tps > best.tps:
-                        best.tps, best.wal_per_txn = tps, wal / max(1.0, tps * round(seconds))
+                        best.tps, best.wal_per_txn = tps, wal / (transactions * count)
                     polls = max(1, consumer.polls)
                     progress(
                         f"{kind} x{count} {variant}: {tps:,.0f} tps, {wal / 1e6:.0f} MB WAL,"
@@ -270,14 +271,14 @@ async def latency(
     waits: list[float] = []
     missed = 0
     load: asyncio.Task[float] | None = None
-    pool = pool_size(load_writers, load_seconds)
+    transactions = transactions_for(load_writers, load_seconds)
     if load_seconds:
-        await prepare(url, "end", load_writers, pool)
+        await prepare(url, "end", load_writers, transactions)
     try:
         async with following(variant, url) as consumer:
             if load_seconds:
                 load = asyncio.create_task(
-                    run_pgbench(url, "end", load_writers, load_seconds, pool, folder)
+                    run_pgbench(url, "end", load_writers, transactions, folder)
                 )
                 await asyncio.sleep(1.0)
             await asyncio.sleep(0.2)
@@ -334,9 +335,9 @@ async def retention(url: str, hold_seconds: float, folder: Path) -> list[tuple[s
         await db.execute("ALTER TABLE chat_sessions REPLICA IDENTITY FULL")
 
         async def load(seconds: float) -> float:
-            pool = pool_size(16, seconds)
-            await prepare(url, "accept", 16, pool)
-            return await run_pgbench(url, "accept", 16, seconds, pool, folder)
+            transactions = transactions_for(16, seconds)
+            await prepare(url, "accept", 16, transactions)
+            return await run_pgbench(url, "accept", 16, transactions, folder)
 
         # Uncapped: a consumer stopped for hold_seconds.
         await db.execute("SELECT pg_create_logical_replication_slot($1, 'test_decoding')", SLOT)
