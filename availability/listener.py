@@ -8,7 +8,12 @@ the chat backend's writes queued behind it (issue 16). The change table costs th
 small upsert, only for the transitions that move a load.
 
 Every ten minutes it also moves the dashboard's day counters on (truth.close_session_days), so
-the sessions the dashboard counts from the index stay about two days' worth."""
+the sessions the dashboard counts from the index stay about two days' worth.
+
+Without those triggers (CHAT_SESSION_TRIGGERS=false) the chat backend's writes cost nothing of
+ours; with LOAD_POLL_SECONDS set, one instance (an advisory lock) reads every loaded mitra's
+load from the load index that often instead, and resyncs the mitras whose load moved. A
+constant cost to the database in place of one per write, paid once for all instances."""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import asyncio
 import logging
 import time
 from uuid import UUID
+
+import asyncpg
 
 from .domain import Availability
 from .errors import TruthUnavailable
@@ -35,6 +42,11 @@ class ChangeListener:
         self._pending: set[UUID] = set()
         self.resyncs = 0
         self.reconnects = 0
+        self.load_polls = 0
+        self.leading_load_poll = False
+        settings = availability.settings
+        self._load_poll = 0.0 if settings.chat_session_triggers else settings.load_poll_seconds
+        self._loads: dict[UUID, int] = {}
         self.connected = asyncio.Event()
         self.reconcile_on_connect = False
         """Set after the first connection (the server seeds right after it), and by the
@@ -52,18 +64,25 @@ class ChangeListener:
         while True:
             try:
                 async with truth.dedicated() as conn:
+                    self.leading_load_poll = False
+                    # The loads' baseline before the reconcile (or the server's seed), so a
+                    # change between the two is in one of them.
+                    await self._lead_load_poll(conn)
                     if self.reconcile_on_connect:
                         self.reconnects += 1
-                        try:
-                            await self._availability.reconcile()
-                            log.info("change listener reconnected; mirror reconciled")
-                        except MIRROR_ERRORS as exc:
-                            log.warning("change listener reconnected; reconcile failed (%r)", exc)
+                        await self._reconcile("change listener reconnected")
                     self.reconcile_on_connect = True
                     failures = 0
                     self.connected.set()
                     days_closed_at = -_CLOSE_DAYS_SECONDS
+                    loads_polled_at = time.monotonic()
                     while True:
+                        if (
+                            self._load_poll
+                            and time.monotonic() - loads_polled_at >= self._load_poll
+                        ):
+                            loads_polled_at = time.monotonic()
+                            await self._poll_loads(conn)
                         if (
                             self._availability.settings.chat_session_triggers
                             and time.monotonic() - days_closed_at > _CLOSE_DAYS_SECONDS
@@ -88,6 +107,42 @@ class ChangeListener:
                     delay,
                 )
                 await asyncio.sleep(delay)
+
+    async def _reconcile(self, why: str) -> None:
+        try:
+            await self._availability.reconcile()
+            log.info("%s; mirror reconciled", why)
+        except MIRROR_ERRORS as exc:
+            log.warning("%s; reconcile failed (%r)", why, exc)
+
+    async def _lead_load_poll(
+        self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+    ) -> bool:
+        """Take the load poll if no other instance holds it; on taking it, the baseline."""
+        if self._load_poll and not self.leading_load_poll:
+            truth = self._availability.truth
+            if await truth.lead_load_poll(conn):
+                self._loads = await truth.loads(conn)
+                self.leading_load_poll = True
+                return True
+        return False
+
+    async def _poll_loads(
+        self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+    ) -> None:
+        """Resync the mitras whose load moved since the last poll (LOAD_POLL_SECONDS)."""
+        if not self.leading_load_poll:
+            if await self._lead_load_poll(conn):
+                # Taken over from an instance that stopped: what changed between its last
+                # poll and this baseline is in no diff, so the mirror is rebuilt once.
+                await self._reconcile("load poll taken over")
+            return
+        loads = await self._availability.truth.loads(conn)
+        before, self._loads = self._loads, loads
+        self._pending.update(
+            m for m in loads.keys() | before.keys() if loads.get(m) != before.get(m)
+        )
+        self.load_polls += 1
 
     async def _resync_pending(self) -> bool:
         """Resync what was taken; True when a full batch came (more may be waiting)."""

@@ -65,6 +65,7 @@ class Settings:
     migrate_on_start: bool = True
     chat_session_triggers: bool = True
     change_poll_seconds: float = 0.02
+    load_poll_seconds: float = 0.0
     log_level: str = "INFO"
     log_format: str = "auto"
     log_slow_rpc_seconds: float = 0.5
@@ -131,6 +132,10 @@ class Settings:
             raise SettingsError(f"MASS_STALE_SHARE must be in (0, 1], got {self.mass_stale_share}")
         if self.mass_stale_min < 0:
             raise SettingsError(f"MASS_STALE_MIN must be >= 0, got {self.mass_stale_min}")
+        if self.load_poll_seconds < 0:
+            raise SettingsError(
+                f"LOAD_POLL_SECONDS must be >= 0 (0: off), got {self.load_poll_seconds}"
+            )
         for name in (
             "default_max_concurrent_sessions",
             "database_pool_size",
@@ -272,6 +277,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "migrate_on_start": _bool,
     "chat_session_triggers": _bool,
     "change_poll_seconds": _float,
+    "load_poll_seconds": _float,
     "auth_callers_poll_seconds": _float,
     "default_max_concurrent_sessions": _int,
     "database_pool_size": _int,

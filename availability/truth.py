@@ -231,6 +231,18 @@ SELECT
 
 _CLOSE_SESSION_DAYS = "SELECT availability_close_session_days()"
 
+# Following chat_sessions without triggers (CHAT_SESSION_TRIGGERS=false, LOAD_POLL_SECONDS):
+# every loaded mitra's load, an index-only scan of chat_sessions_load_idx, diffed poll by poll.
+_LOADS = """
+SELECT mitra_id, count(*)::int FROM chat_sessions
+WHERE status IN ('active', 'pending_payment') AND mitra_id IS NOT NULL
+GROUP BY mitra_id
+"""
+
+# One instance polls loads: whoever holds this session-level advisory lock on its listener
+# connection, until that connection goes (then another takes it on its next poll).
+_LEAD_LOAD_POLL = "SELECT pg_try_advisory_lock(hashtext('availability: load poll'))"
+
 # Mitras whose availability may have changed, noted by the triggers (one row per mitra).
 # SKIP LOCKED: instances draining together take disjoint rows, and a row a writer is still
 # noting (locked until it commits) waits for the next poll instead of being read too early.
@@ -685,6 +697,14 @@ class Truth:
         """Move the day counters' line on to two days ago (see _SESSION_COUNTS); False when
         the chat backend's writes held chat_sessions too long to try now."""
         return bool(await conn.fetchval(_CLOSE_SESSION_DAYS))
+
+    async def lead_load_poll(self, conn: _Connectionish) -> bool:
+        """True when this connection polls loads for every instance (see _LEAD_LOAD_POLL)."""
+        return bool(await conn.fetchval(_LEAD_LOAD_POLL))
+
+    async def loads(self, conn: _Connectionish) -> dict[UUID, int]:
+        """Every mitra with a load above zero, and that load."""
+        return {r[0]: r[1] for r in await conn.fetch(_LOADS)}
 
     async def take_changes(self, limit: int, conn: _Connectionish | None = None) -> list[UUID]:
         """Up to `limit` mitras the triggers noted as changed, removed as they are taken: the

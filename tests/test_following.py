@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -276,3 +277,55 @@ async def test_without_chat_session_triggers_nothing_of_ours_fires_and_counts_st
         expected["last_30d_total"],
     )
     assert reply.sensitive.last_30d_total == 2
+
+
+async def _leads(server: Server) -> bool:
+    return server.listener is not None and server.listener.load_polls > 0
+
+
+async def test_without_triggers_one_instance_polls_loads_and_another_takes_over(
+    settings: Settings, fleet: Fleet, db: asyncpg.Connection
+) -> None:
+    """CHAT_SESSION_TRIGGERS=false with LOAD_POLL_SECONDS: no trigger of ours fires on the
+    chat backend's writes, yet loads converge, because one instance diffs the load index;
+    when it stops, another instance takes the poll over (and reconciles once)."""
+    off = replace(settings, chat_session_triggers=False, load_poll_seconds=0.02)
+    truth = await Truth.connect(off)
+    try:
+        await truth.migrate()
+        mitras = [await fleet.mitra(f"P{i}", capacity=50) for i in range(3)]
+        await db.execute("DELETE FROM availability_changes")
+        async with AsyncExitStack() as stack:
+            one = await stack.enter_async_context(running(off))
+            assert one.listener is not None
+            await eventually(partial(_leads, one))
+            async with running(off) as two:
+                assert two.listener is not None and two.availability is not None
+                availability = two.availability
+                await two.listener.connected.wait()
+                offered = await fleet.session(mitras[0], "pending_acceptance")
+                await fleet.move_session(offered, "pending_payment")
+                await fleet.move_session(offered, "active")
+                ended = await fleet.session(mitras[1], "active")
+                await eventually(partial(_load_is, availability, mitras[1], 1))
+                await fleet.move_session(ended, "ended")
+                rerouted = await fleet.session(mitras[1], "active")
+                await db.execute(
+                    "UPDATE chat_sessions SET mitra_id = $1 WHERE id = $2", mitras[2], rerouted
+                )
+                for mitra, load in zip(mitras, (1, 0, 1), strict=True):
+                    await eventually(partial(_load_is, availability, mitra, load))
+                assert await noted(db, *mitras) == 0, "no trigger of ours on chat_sessions"
+                assert one.listener.load_polls > 0
+                assert not two.listener.leading_load_poll and two.listener.load_polls == 0
+
+                await stack.aclose()  # the leader stops; two takes the poll over
+                await eventually(partial(_leads, two))
+                await fleet.session(mitras[0], "active")
+                await eventually(partial(_load_is, availability, mitras[0], 2))
+                assert two.listener.leading_load_poll
+    finally:
+        on = await Truth.connect(settings)
+        await on.migrate()
+        await on.close()
+        await truth.close()
