@@ -466,7 +466,12 @@ def write_results(
         "  allowed about a third) and the write is twice as fast.",
         "",
     ]
-    (HERE / ("RESULTS-quick.md" if quick else "RESULTS.md")).write_text("\n".join(lines))
+    # Sections written by hand from one-off runs (python -m bench.footprint and the like)
+    # follow KEPT in the file; a new run keeps them.
+    path = HERE / ("RESULTS-quick.md" if quick else "RESULTS.md")
+    previous = path.read_text() if path.exists() else ""
+    kept = previous[previous.index(KEPT) :] if KEPT in previous else KEPT + "\n"
+    path.write_text("\n".join(lines) + "\n" + kept)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -484,6 +489,9 @@ def write_results(
     axes.legend()
     figure.tight_layout()
     figure.savefig(HERE / ("latency-quick.png" if quick else "latency.png"), dpi=120)
+
+
+KEPT = "<!-- Kept by make bench: the sections below are from one-off runs, dated. -->"
 
 
 async def main(quick: bool) -> None:
