@@ -12,6 +12,9 @@ statements (bench.footprint's KINDS and seed) on databases alike, interleaved, b
   reroute's old mitra and a deleted session's mitra cannot be told: the service would need
   `REPLICA IDENTITY FULL` on chat_sessions, which logs every updated row's old image too.
   Both are measured ("logical" and "logical, full").
+- logical, streaming: the same slot (full identity) read over the streaming replication
+  protocol by a psycopg2 thread, so the walsender decodes each WAL record once, as it comes;
+  run when psycopg2 is installed (`pip install psycopg2-binary`).
 
 Then the latency from a commit to the consumer holding the changed mitra id (single writer,
 idle, and while 16 writers `end` sessions), and the WAL a slot retains while nobody reads it,
@@ -22,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import re
+import select
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
@@ -42,7 +48,9 @@ from availability.truth import Truth
 from .common import progress
 from .footprint import _BEFORE, _PREPARE, KINDS, MITRAS, database, run_pgbench
 
-VARIANTS = ("none", "change table", "logical", "logical, full")
+# The streaming consumer needs psycopg2 (`pip install psycopg2-binary`): without it, not run.
+STREAMING = ("logical, streaming",) if importlib.util.find_spec("psycopg2") else ()
+VARIANTS = ("none", "change table", "logical", "logical, full", *STREAMING)
 POLL_SECONDS = 0.02
 SLOT = "availability_bench"
 CAP = "64MB"
@@ -148,14 +156,53 @@ async def poll_table(url: str, consumer: Consumer) -> None:
         await truth.close()
 
 
+def stream_slot(
+    url: str, consumer: Consumer, halt: threading.Event, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The slot read over the streaming replication protocol (a walsender decodes WAL as it
+    is written, once, instead of again from the restart point at every call), in a thread:
+    psycopg2 (`pip install psycopg2-binary`), since asyncpg does not speak that protocol."""
+    import psycopg2
+    import psycopg2.extras
+
+    conn = psycopg2.connect(url, connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    try:
+        cursor = conn.cursor()
+        cursor.start_replication(
+            slot_name=SLOT, decode=True, options={"include-xids": "0", "skip-empty-xacts": "1"}
+        )
+        confirmed = time.monotonic()
+        while not halt.is_set():
+            message = cursor.read_message()
+            if message is None:
+                loop.call_soon_threadsafe(consumer.idle.set)
+                select.select([cursor], [], [], 0.02)
+                continue
+            consumer.rows += 1
+            if message.payload.startswith("table public.chat_sessions: "):
+                consumer.note(changed_mitras(message.payload))
+            if time.monotonic() - confirmed > 0.1:
+                cursor.send_feedback(flush_lsn=message.data_start)
+                confirmed = time.monotonic()
+    finally:
+        conn.close()
+
+
 @asynccontextmanager
 async def following(variant: str, url: str) -> AsyncIterator[Consumer]:
     """The variant's consumer running for the duration (and its slot, made and dropped)."""
     consumer = Consumer()
     db = await asyncpg.connect(url)
     task: asyncio.Task[None] | None = None
+    halt = threading.Event()
     try:
-        if variant.startswith("logical"):
+        if variant == "logical, streaming":
+            await db.execute("ALTER TABLE chat_sessions REPLICA IDENTITY FULL")
+            await db.execute("SELECT pg_create_logical_replication_slot($1, 'test_decoding')", SLOT)
+            task = asyncio.create_task(
+                asyncio.to_thread(stream_slot, url, consumer, halt, asyncio.get_running_loop())
+            )
+        elif variant.startswith("logical"):
             identity = "FULL" if variant == "logical, full" else "DEFAULT"
             await db.execute(f"ALTER TABLE chat_sessions REPLICA IDENTITY {identity}")
             await db.execute("SELECT pg_create_logical_replication_slot($1, 'test_decoding')", SLOT)
@@ -170,6 +217,7 @@ async def following(variant: str, url: str) -> AsyncIterator[Consumer]:
         yield consumer
     finally:
         consumer.stop.set()
+        halt.set()
         if task is not None:
             await task
         if variant.startswith("logical"):
@@ -445,7 +493,7 @@ async def main() -> None:
             database(server.dsn, "logical_slot", False) as slot,
         ):
             urls = {"none": none, "change table": change_table}
-            urls |= {"logical": slot, "logical, full": slot}
+            urls |= {"logical": slot, "logical, full": slot, "logical, streaming": slot}
             admin = await asyncpg.connect(server.dsn)
             version = await admin.fetchval("SHOW server_version")
             shown = {
@@ -465,7 +513,7 @@ async def main() -> None:
             )
 
             latencies: dict[tuple[str, str], tuple[list[float], int, float]] = {}
-            for variant in ("change table", "logical, full"):
+            for variant in ("change table", "logical, full", *STREAMING):
                 progress(f"latency: {variant}")
                 latencies[(variant, "idle")] = await latency(
                     variant, urls[variant], args.samples, folder
