@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from .errors import LimitReached, WatchInterrupted
-from .mirror import MIRROR_ERRORS, Mirror, Trust
+from .mirror import MIRROR_ERRORS, Mirror
 from .model import AvailabilityChange, AvailabilitySnapshot, AvailableMitra, ChangeKind
 from .settings import Settings
 
@@ -176,17 +176,7 @@ class WatchHub:
             return None
         return [c for c in self._retained if c.revision > revision]
 
-    def _check_usable(self) -> None:
-        """Watches follow the mirror only while this instance may read it: not while a newer
-        layout owns it (guest) nor once its data set was found replaced (distrusted), when
-        reads go to Postgres and the mirror's stream stands still or belongs to an older
-        data set. The verdict is the last trust check's (every new connection, every second)."""
-        trust = self._mirror.trust
-        if trust is not None and trust.verdict in (Trust.GUEST, Trust.DISTRUSTED):
-            raise _Unseeded(f"the mirror is {trust.verdict.value} here")
-
     async def _sync(self) -> None:
-        self._check_usable()
         snapshot, retained, self._marker = await self._mirror.watch_snapshot()
         self._view = {m.mitra_id: m for m in snapshot.mitras}
         self._snapshot = snapshot
@@ -230,7 +220,6 @@ class WatchHub:
     async def _tail(self) -> None:
         checked = time.monotonic()
         while True:
-            self._check_usable()
             changes = await self._mirror.read_changes(self.revision)
             for change in changes:
                 if change.revision != self.revision + 1:
