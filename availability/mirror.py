@@ -396,11 +396,8 @@ class Mirror:
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.client = client
-        # XREAD BLOCK holds its connection: the watch hub gets a client of its own, whose
-        # connections check the data set before their first command too, as the client's do.
-        self._reader = connect_valkey(
-            settings, self._check_reader, blocking_seconds=WATCH_BLOCK_SECONDS
-        )
+        # XREAD BLOCK holds its connection: the watch hub gets a client of its own.
+        self._reader = connect_valkey(settings, blocking_seconds=WATCH_BLOCK_SECONDS)
         self.breaker = Breaker(settings.valkey_breaker_failures, settings.valkey_breaker_seconds)
         self.keys = Keys.for_prefix(settings.valkey_key_prefix)
         self._all_keys = self.keys.all()
@@ -455,9 +452,6 @@ class Mirror:
                 str(self._retain).encode(),
             )
         ]
-
-    async def _check_reader(self, connection: Connection) -> None:
-        await self.check_trust(connection=connection)
 
     async def _run(self, script: Any, *args: object) -> Any:
         self.breaker.check()
