@@ -30,6 +30,7 @@ from bench.trust import Endpoint
 
 from .helpers import Fleet, code_of, eventually
 from .test_sweeps import tick
+from .test_watch import snapshot_ids, watching
 
 Stub = pb_grpc.AvailabilityServiceStub
 
@@ -297,9 +298,18 @@ async def test_a_newer_layout_owns_the_mirror_and_the_last_version_standing_take
     old_layout = settings.mirror_layout
     mitras = [await fleet.mitra(f"M{i}", online=True) for i in range(6)]
     old_only, offline_by_old = mitras[0], mitras[1]
-    async with running(settings) as old, grpc.aio.insecure_channel(f"127.0.0.1:{old.port}") as a:
+    async with (
+        running(settings) as old,
+        grpc.aio.insecure_channel(f"127.0.0.1:{old.port}") as a,
+        contextlib.AsyncExitStack() as watches,
+    ):
         old_stub = Stub(a)
         assert await from_cache(old_stub)
+        assert old.availability is not None
+        hub = old.availability.watch_hub
+        before = await watches.enter_async_context(watching(old_stub))
+        (first,) = await before.wait_for(1)
+        assert str(mitras[2]) in snapshot_ids(first)
         async with (
             running(replace(settings, mirror_layout=old_layout + 1)) as new,
             grpc.aio.insecure_channel(f"127.0.0.1:{new.port}") as b,
@@ -313,6 +323,10 @@ async def test_a_newer_layout_owns_the_mirror_and_the_last_version_standing_take
 
             await eventually(old_is_guest, timeout=5)
             assert not await from_cache(old_stub), "v(n) reads Postgres, never v(n+1)'s layout"
+            # Nor does it follow v(n+1)'s mirror for watches: they end, clients resume on v(n+1).
+            await eventually(lambda: _true(before.error is not None), timeout=5)
+            assert before.error is not None
+            assert before.error.code() == grpc.StatusCode.UNAVAILABLE
             found = await old_stub.FindAvailableMitras(pb.FindAvailableMitrasRequest(limit=100))
             assert {m.mitra_id for m in found.mitras} == {str(m) for m in mitras}
 
@@ -359,6 +373,11 @@ async def test_a_newer_layout_owns_the_mirror_and_the_last_version_standing_take
                 return reply.source == pb.SOURCE_CACHE
 
             await eventually(reachable_from_cache, timeout=5)
+            assert not hub.ready, "the guest's watch hub followed v(n+1)'s mirror"
+            async with watching(old_stub) as refused:
+                await eventually(lambda: _true(refused.error is not None))
+            assert refused.error is not None
+            assert refused.error.code() == grpc.StatusCode.UNAVAILABLE
 
         # v(n+1) rolled back: once its layout is no longer live, v(n) takes the mirror over.
         await eventually(lambda: from_cache(old_stub), timeout=20)
@@ -371,6 +390,15 @@ async def test_a_newer_layout_owns_the_mirror_and_the_last_version_standing_take
         ]
         assert all(s.source == pb.SOURCE_CACHE for s in statuses)
         assert {s.mitra_id for s in statuses if s.online} == await online_in_truth(db)
+        await eventually(lambda: _true(hub.ready), timeout=5)
+        async with watching(old_stub, resume=first.revision) as after:
+            (snapshot,) = await after.wait_for(1)
+        assert str(banned) not in snapshot_ids(snapshot), "a fresh snapshot, not a replay"
+        assert set(snapshot_ids(snapshot)) <= {str(m) for m in mitras}
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_a_valkey_out_of_memory_still_takes_new_connections(
