@@ -451,9 +451,13 @@ class LiveAvailability:
             try:
                 headers = await call.initial_metadata()
                 # A resumed stream replays the missed changes (or sends a snapshot) up to the
-                # server's revision at the start: in sync once that is reached.
+                # server's revision at the start: in sync once that is reached. A refusal
+                # (the server's mirror is down or not its own) comes without headers, hence
+                # without the revision: never in sync on that, only on what a stream sends.
                 live_from = _revision_header(headers)
-                self.in_sync = bool(self.revision) and self.revision >= live_from
+                self.in_sync = (
+                    live_from is not None and self.revision > 0 and self.revision >= live_from
+                )
                 async for message in call:
                     backoff = 0.05
                     if message.HasField("snapshot"):
@@ -474,7 +478,7 @@ class LiveAvailability:
                         else:
                             self._mitras[change.mitra.mitra_id] = change.mitra
                         self.revision = change.revision
-                        if self.revision >= live_from:
+                        if live_from is not None and self.revision >= live_from:
                             self.in_sync = True
                         yield change
             except grpc.aio.AioRpcError as exc:
@@ -489,11 +493,11 @@ class LiveAvailability:
             backoff = min(backoff * 2, self._max_backoff)
 
 
-def _revision_header(headers: object) -> int:
+def _revision_header(headers: object) -> int | None:
     for key, value in headers or ():  # type: ignore[attr-defined]
         if key == convert.REVISION_HEADER:
             return int(value)
-    return 0
+    return None
 
 
 # The service's own mappings, read the other way.

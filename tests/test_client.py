@@ -232,6 +232,12 @@ async def test_the_live_set_survives_losing_valkey_and_resumes(
             await eventually(lambda: converged(live, client))
             own_valkey.kill()
             await eventually(lambda: _not(live.in_sync))
+            refused = live.reconnects
+            # Its resumes are refused meanwhile (no headers, no revision): never in sync on
+            # a refusal, not even for a moment, or a caller would act on the old set.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(live.wait_in_sync(), timeout=2.0)
+            assert live.reconnects - refused >= 3, "it kept trying"
             await client.set_online(budi)  # lands in Postgres; the mirror heals later
             own_valkey.start()
             await eventually(lambda: converged(live, client), timeout=20.0)

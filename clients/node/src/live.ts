@@ -195,12 +195,16 @@ export class LiveAvailability extends EventEmitter<LiveAvailabilityEvents> {
       return;
     }
     this.call = call;
-    let liveFrom = 0;
+    // Unknown until the headers name it: never in sync on a stream that did not say.
+    let liveFrom = Number.POSITIVE_INFINITY;
     let parts: AvailableMitraMessage[] = [];
     call.on("metadata", (headers: Metadata) => {
       // A resumed stream replays the missed changes (or sends a snapshot) up to the
-      // server's revision at its start: in sync once that is reached.
-      liveFrom = Number(headers.get(REVISION_HEADER)[0] ?? 0);
+      // server's revision at its start: in sync once that is reached. Headers without it
+      // (a refusal relayed by a proxy) prove nothing about the old set.
+      const header = headers.get(REVISION_HEADER)[0];
+      if (header === undefined) return;
+      liveFrom = Number(header);
       this.setInSync(this.revision > 0 && this.revision >= liveFrom);
     });
     call.on("data", (message: WatchAvailableMitrasResponse) => {
