@@ -38,6 +38,7 @@ from .services.availability import AvailabilityService
 from .services.dashboard import DashboardService
 from .settings import Settings
 from .sweeps import RECONCILE, Sweeps
+from .tasks import cancel_and_wait
 from .tracing import server_tracer
 from .truth import Truth
 from .v1 import availability_pb2 as pb
@@ -370,7 +371,7 @@ class Server:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            await self._step(task.get_name(), _finished(task))
+            await self._step(task.get_name(), cancel_and_wait([task]))
         self._tasks.clear()
         if self.availability is not None and self.sweeps is not None:
             await self._step("withdraw", self._withdraw(self.availability.mirror))
@@ -407,11 +408,6 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-async def _finished(task: asyncio.Task[Any]) -> None:
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 @contextlib.asynccontextmanager
 async def running(settings: Settings, *, tracer_provider: object = None) -> AsyncIterator[Server]:
     """A started server for the length of the block (tests and tools use this)."""
@@ -443,10 +439,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         else:
             log.info("shutting down before start-up finished")
     finally:
-        for task in (starting, stopping):
-            if not task.done():
-                task.cancel()
-                await _finished(task)
+        await cancel_and_wait(task for task in (starting, stopping) if not task.done())
         await server.stop()
     log.info("stopped")
 

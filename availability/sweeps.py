@@ -26,6 +26,7 @@ from .domain import STORE_ERRORS, Availability
 from .errors import TruthUnavailable
 from .mirror import MIRROR_ERRORS, Trust
 from .model import AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE, SWEEPS, Drift
+from .tasks import cancel_and_wait
 
 __all__ = ["AUTO_OFFLINE", "HEARTBEAT_FLUSH", "RECONCILE", "SWEEPS", "Sweeps"]
 
@@ -96,11 +97,7 @@ class Sweeps:
     async def stop(self) -> None:
         if self._reseeding is not None:
             self._tasks.append(self._reseeding)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         for name in SWEEPS:
             with contextlib.suppress(*MIRROR_ERRORS):

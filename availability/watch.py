@@ -22,6 +22,7 @@ from .errors import LimitReached, WatchInterrupted
 from .mirror import MIRROR_ERRORS, Mirror
 from .model import AvailabilityChange, AvailabilitySnapshot, AvailableMitra, ChangeKind
 from .settings import Settings
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,7 @@ class WatchHub:
         not hold the drain open, and stop following."""
         self._end_all(WatchInterrupted("the server is shutting down; resume elsewhere"))
         self.ready = False
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
 
     def check_ready(self) -> None:
