@@ -144,7 +144,7 @@ class Sweeps:
         if not epoch:
             stats.skipped += 1
             return False
-        renew = asyncio.create_task(self._renew(name, ttl))
+        renew = asyncio.create_task(self._renew(name, ttl), name=f"renew-{name}")
         started = time.perf_counter()
         outcome, affected = "ok", 0
         self._details[name] = {}
@@ -161,7 +161,8 @@ class Sweeps:
             outcome = f"aborted: {exc}"
             log.warning("%s aborted: %s", name, exc)
         finally:
-            renew.cancel()
+            # Awaited: a renewal that lost its cancel would hold the lease for good.
+            await cancel_and_wait([renew])
             stats.last_duration_seconds = time.perf_counter() - started
             stats.last_run_at = datetime.now(UTC)
         await self.record(
