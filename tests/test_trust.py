@@ -30,7 +30,7 @@ from bench.trust import Endpoint
 
 from .helpers import Fleet, code_of, eventually
 from .test_sweeps import tick
-from .test_watch import snapshot_ids, watching
+from .test_watch import _true, snapshot_ids, watching
 
 Stub = pb_grpc.AvailabilityServiceStub
 
@@ -395,10 +395,6 @@ async def test_a_newer_layout_owns_the_mirror_and_the_last_version_standing_take
             (snapshot,) = await after.wait_for(1)
         assert str(banned) not in snapshot_ids(snapshot), "a fresh snapshot, not a replay"
         assert set(snapshot_ids(snapshot)) <= {str(m) for m in mitras}
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_a_valkey_out_of_memory_still_takes_new_connections(
