@@ -74,6 +74,30 @@ async def test_transitions_that_cannot_move_a_load_note_nothing(
     assert await noted(db, mitra) == 1, "capacity changes are noted too"
 
 
+async def test_a_reroute_notes_both_mitras_and_an_uncounted_one_neither(
+    fleet: Fleet, db: asyncpg.Connection
+) -> None:
+    """Accept and end keep their mitra (one lean trigger); a reroute or a delete goes through
+    the trigger that notes both ids."""
+    first, second, third = await fleet.mitra(), await fleet.mitra(), await fleet.mitra()
+    counted = await fleet.session(first, "active")
+    waiting = await fleet.session(first, "pending_acceptance")
+    await db.execute("DELETE FROM availability_changes")
+    await fleet.move_session(waiting, "pending_acceptance", second)
+    assert await noted(db, first, second) == 0, "neither counts the offered session"
+    await fleet.move_session(counted, "active", second)
+    assert await noted(db, first) == 1 and await noted(db, second) == 1
+    await db.execute("DELETE FROM availability_changes")
+    await fleet.move_session(counted, "ended", third)
+    assert await noted(db, second) == 1, "rerouted as it ended: the old mitra's load drops"
+    assert await noted(db, third) == 0
+    await db.execute("DELETE FROM availability_changes")
+    gone = await fleet.session(third, "pending_payment")
+    await db.execute("DELETE FROM availability_changes")
+    await db.execute("DELETE FROM chat_sessions WHERE id = $1", gone)
+    assert await noted(db, third) == 1, "a deleted counted session"
+
+
 async def test_a_change_is_mirrored_within_100_ms(
     server: Server, fleet: Fleet, db: asyncpg.Connection
 ) -> None:
