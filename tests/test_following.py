@@ -77,8 +77,7 @@ async def test_transitions_that_cannot_move_a_load_note_nothing(
 async def test_a_reroute_notes_both_mitras_and_an_uncounted_one_neither(
     fleet: Fleet, db: asyncpg.Connection
 ) -> None:
-    """Accept and end keep their mitra (one lean trigger); a reroute or a delete goes through
-    the trigger that notes both ids."""
+    """A reroute can move two mitras' loads, and a deleted counted session its mitra's."""
     first, second, third = await fleet.mitra(), await fleet.mitra(), await fleet.mitra()
     counted = await fleet.session(first, "active")
     waiting = await fleet.session(first, "pending_acceptance")

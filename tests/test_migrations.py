@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from availability.settings import Settings
-from availability.truth import Truth, _migrations
+from availability.truth import Truth
 
 
 async def test_migrate_is_idempotent_and_concurrent_safe(
@@ -56,73 +56,6 @@ async def test_migrate_from_scratch_applies_all_once(
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{fresh_name}" WITH (FORCE)')
         await admin.close()
-
-
-_LOAD_TRIGGERS = """
-SELECT tgname, tgfoid::regproc::text AS function FROM pg_trigger
-WHERE tgrelid = 'chat_sessions'::regclass AND NOT tgisinternal
-  AND tgname NOT LIKE 'availability_session_days_%' ORDER BY tgname
-"""
-
-
-@pytest.mark.parametrize("triggers", [True, False], ids=["triggers on", "triggers off"])
-async def test_upgrading_past_0010_swaps_the_load_triggers_and_keeps_the_day_counts(
-    settings: Settings, postgres_admin_dsn: str, triggers: bool
-) -> None:
-    """A database migrated before 0010 (with CHAT_SESSION_TRIGGERS either way) gets the lean
-    load triggers, or still none, without its day counts being recounted."""
-    name = f"availability_upgrade_{os.getpid()}"
-    admin = await asyncpg.connect(postgres_admin_dsn)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = postgres_admin_dsn.rpartition("/")[0] + f"/{name}"
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(
-            "CREATE TABLE schema_migrations ("
-            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for file, sql in _migrations():
-            if file >= "0010":
-                break
-            await conn.execute(sql)
-            await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", file)
-        await conn.execute("SELECT availability_set_session_triggers($1)", triggers)
-        before = await conn.fetch(_LOAD_TRIGGERS)
-        # A day count no recount would reproduce: only an upgrade that leaves it alone keeps it.
-        await conn.execute("INSERT INTO chat_session_days VALUES ('2001-01-01', false, 7)")
-        truth = await Truth.connect(
-            replace(settings, database_url=url, chat_session_triggers=triggers)
-        )
-        try:
-            assert "0010_lean_session_trigger.sql" in await truth.migrate()
-        finally:
-            await truth.close()
-        after = {r["tgname"]: r["function"] for r in await conn.fetch(_LOAD_TRIGGERS)}
-        kept = await conn.fetchval(
-            "SELECT sessions FROM chat_session_days WHERE day = '2001-01-01'"
-        )
-    finally:
-        await conn.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-    if not triggers:
-        assert before == [] and after == {}
-        return
-    assert {r["tgname"] for r in before} == {
-        "availability_session_insert",
-        "availability_session_update",
-        "availability_session_delete",
-        "availability_session_truncate",
-    }
-    assert after == {
-        "availability_session_insert": "availability_note_session_mitra",
-        "availability_session_update": "availability_note_session_mitra",
-        "availability_session_reroute": "availability_note_session_change",
-        "availability_session_delete": "availability_note_session_change",
-        "availability_session_truncate": "availability_note_all_mitras",
-    }
-    assert kept == 7
 
 
 CONTRACT = {
