@@ -90,7 +90,6 @@ async def test_a_reroute_notes_both_mitras_and_an_uncounted_one_neither(
     await fleet.move_session(counted, "ended", third)
     assert await noted(db, second) == 1, "rerouted as it ended: the old mitra's load drops"
     assert await noted(db, third) == 0
-    await db.execute("DELETE FROM availability_changes")
     gone = await fleet.session(third, "pending_payment")
     await db.execute("DELETE FROM availability_changes")
     await db.execute("DELETE FROM chat_sessions WHERE id = $1", gone)
