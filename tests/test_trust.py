@@ -268,7 +268,9 @@ async def test_an_oom_reply_to_a_mirror_write_is_a_failed_write_never_an_rpc_fai
     availability = server_on_own_valkey.availability
     assert availability is not None
     direct = redis.Redis(port=own_valkey.port, decode_responses=True)
+    online = Keys.for_prefix(server_on_own_valkey.settings.valkey_key_prefix).online
     try:
+        await eventually(lambda: direct.sismember(online, str(mitra)))  # mirrored online first
         used = int((await direct.info("memory"))["used_memory"])
         await direct.config_set("maxmemory", str(used - 10_000))  # noeviction: writes refused
         reply = await stub_own.SetOffline(pb.SetOfflineRequest(mitra_id=str(mitra)))
@@ -278,10 +280,7 @@ async def test_an_oom_reply_to_a_mirror_write_is_a_failed_write_never_an_rpc_fai
         await direct.config_set("maxmemory", "0")
 
         async def healed() -> bool:
-            return not await direct.sismember(
-                Keys.for_prefix(server_on_own_valkey.settings.valkey_key_prefix).online,
-                str(mitra),
-            )
+            return not await direct.sismember(online, str(mitra))
 
         await eventually(healed, timeout=5)
     finally:
@@ -402,7 +401,14 @@ async def test_a_valkey_out_of_memory_still_takes_new_connections(
 ) -> None:
     """Every new connection is checked first; the check must not need memory."""
     mitra = await fleet.mitra("M", online=True)
-    await eventually(lambda: from_cache(stub_own))
+
+    async def answered_from_cache() -> bool:
+        reply = await stub_own.IsMitraReachable(pb.IsMitraReachableRequest(mitra_id=str(mitra)))
+        return reply.reachable and reply.source == pb.SOURCE_CACHE
+
+    # Mirrored first: a mitra the mirror has not heard of yet is rightly answered by Postgres,
+    # and a Valkey out of memory refuses the write that would mirror it.
+    await eventually(answered_from_cache)
     assert server_on_own_valkey.availability is not None
     mirror = server_on_own_valkey.availability.mirror
     direct = redis.Redis(port=own_valkey.port, decode_responses=True)
@@ -410,11 +416,6 @@ async def test_a_valkey_out_of_memory_still_takes_new_connections(
         used = int((await direct.info("memory"))["used_memory"])
         await direct.config_set("maxmemory", str(used - 10_000))
         await direct.client_kill_filter(_type="normal", skipme=True)  # every connection anew
-
-        async def answered_from_cache() -> bool:
-            reply = await stub_own.IsMitraReachable(pb.IsMitraReachableRequest(mitra_id=str(mitra)))
-            return reply.reachable and reply.source == pb.SOURCE_CACHE
-
         await eventually(answered_from_cache, timeout=10)
         assert (await mirror.check_trust()).verdict is Trust.TRUSTED
     finally:
