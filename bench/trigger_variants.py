@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 from contextlib import suppress
 from pathlib import Path
@@ -23,6 +24,7 @@ from . import footprint
 from .common import progress
 
 _TRIGGER = "availability_session_update"
+_EMPTY_TRIGGER = "availability_bench_empty"
 _RULE = "availability_note_session_update_rule"
 _LOADED = "('active', 'pending_payment')"
 # The shipped update trigger's condition (migration 0008), in a rule's spelling too.
@@ -33,10 +35,10 @@ _CONDITION = (
 _EMPTY = f"""
 CREATE OR REPLACE FUNCTION availability_bench_empty() RETURNS trigger
 LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END; $$;
-DROP TRIGGER IF EXISTS availability_bench_empty ON chat_sessions;
-CREATE TRIGGER availability_bench_empty AFTER UPDATE OF mitra_id, status ON chat_sessions
+DROP TRIGGER IF EXISTS {_EMPTY_TRIGGER} ON chat_sessions;
+CREATE TRIGGER {_EMPTY_TRIGGER} AFTER UPDATE OF mitra_id, status ON chat_sessions
     FOR EACH ROW WHEN ({_CONDITION}) EXECUTE FUNCTION availability_bench_empty();
-ALTER TABLE chat_sessions DISABLE TRIGGER availability_bench_empty;
+ALTER TABLE chat_sessions DISABLE TRIGGER {_EMPTY_TRIGGER};
 """
 # The shipped trigger's condition and upsert as a rule: no PL/pgSQL call, but a second
 # query in the writer's statement, reading the row under its own snapshot before the update.
@@ -53,7 +55,7 @@ ON CONFLICT (mitra_id) DO UPDATE SET noted_at = c.noted_at
 VARIANTS = {
     # name: (what it is, the triggers enabled, whether the rule is in place)
     "none": ("no update trigger", (), False),
-    "empty": ("an empty PL/pgSQL function", ("availability_bench_empty",), False),
+    "empty": ("an empty PL/pgSQL function", (_EMPTY_TRIGGER,), False),
     "shipped": ("the shipped upsert (migration 0008)", (_TRIGGER,), False),
     "rule": ("a DO ALSO rule doing the upsert", (), True),
 }
@@ -64,7 +66,7 @@ async def arrange(db: asyncpg.Connection, variant: str) -> None:
     refuses INSERT ... ON CONFLICT (the preparation's) on a table with an update rule."""
     _, enabled, _ = VARIANTS[variant]
     await db.execute(f"DROP RULE IF EXISTS {_RULE} ON chat_sessions")
-    for trigger in (_TRIGGER, "availability_bench_empty"):
+    for trigger in (_TRIGGER, _EMPTY_TRIGGER):
         state = "ENABLE" if trigger in enabled else "DISABLE"
         await db.execute(f"ALTER TABLE chat_sessions {state} TRIGGER {trigger}")
 
@@ -100,6 +102,7 @@ async def measure(
             with suppress(asyncio.CancelledError):
                 await drainer
             await db.close()
+    shutil.rmtree(folder, ignore_errors=True)
     return runs
 
 
