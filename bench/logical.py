@@ -17,7 +17,12 @@ statements (bench.footprint's KINDS and seed) on databases alike, interleaved, b
   instead of re-decoding from a restart point the bgwriter moves every 15 s;
 - logical, streaming: the same slot (full identity) read over the streaming replication
   protocol by a psycopg2 thread, so the walsender decodes each WAL record once, as it comes;
-  run when psycopg2 is installed (`pip install psycopg2-binary`).
+  run when psycopg2 is installed (`pip install psycopg2-binary`);
+- logical, pg_recvlogical: the same stream taken by PostgreSQL's `pg_recvlogical` (C) into a
+  pipe, read in chunks, so that the consumer's own parsing is out of the way and what is
+  left is the walsender's decoding (its `sent_lsn` lag is reported with the latencies).
+
+`--variants` picks some (none is always run); `--hold-seconds 0` skips the slot retention.
 
 Then the latency from a commit to the consumer holding the changed mitra id (single writer,
 idle, and while 16 writers `end` sessions), and the WAL a slot retains while nobody reads it,
@@ -53,7 +58,19 @@ from .footprint import _BEFORE, _PREPARE, KINDS, MITRAS, database, run_pgbench
 
 # The streaming consumer needs psycopg2 (`pip install psycopg2-binary`): without it, not run.
 STREAMING = ("logical, streaming",) if importlib.util.find_spec("psycopg2") else ()
-VARIANTS = ("none", "change table", "logical", "logical, full", "logical, snapshots", *STREAMING)
+# pg_recvlogical (PostgreSQL's client tools) streams the slot in C; the service's side would
+# only read its output in bulk.
+RECVLOGICAL = ("logical, pg_recvlogical",) if shutil.which("pg_recvlogical") else ()
+STREAMED = (*STREAMING, *RECVLOGICAL)
+VARIANTS = (
+    "none",
+    "change table",
+    "logical",
+    "logical, full",
+    "logical, snapshots",
+    *STREAMING,
+    *RECVLOGICAL,
+)
 POLL_SECONDS = 0.02
 SLOT = "availability_bench"
 CAP = "64MB"
@@ -67,12 +84,22 @@ WHERE data LIKE 'table public.chat_sessions: %'
 """
 _MITRA = re.compile(r"mitra_id\[uuid\]:(?:'([0-9a-f-]{36})'|null)")
 _STATUS = re.compile(r"status\[text\]:'([a-z_]+)'")
+_SLOT_ACTIVE = "SELECT active FROM pg_replication_slots WHERE slot_name = $1"
+_SENT_BEHIND = """
+SELECT coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), sent_lsn)), 0)::bigint
+FROM pg_stat_replication
+"""
 _SLOT_STATE = """
 SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained,
        wal_status, safe_wal_size, invalidation_reason,
        (SELECT sum(size) FROM pg_ls_waldir())::bigint AS pg_wal
 FROM pg_replication_slots WHERE slot_name = $1
 """
+
+
+async def _sent_behind(db: asyncpg.Connection) -> int:
+    """How much WAL the walsenders have yet to send (0 without one)."""
+    return int(await db.fetchval(_SENT_BEHIND))
 
 
 def _tuple(text: str) -> tuple[str | None, str | None]:
@@ -110,6 +137,8 @@ class Consumer:
     polls: int = 0
     rows: int = 0
     poll_seconds: float = 0.0
+    sent_behind: int = 0
+    """The most WAL the slot's walsender was seen to have yet to send (streamed variants)."""
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by the first poll that finds nothing: what was pending before it started is taken."""
@@ -196,6 +225,56 @@ def stream_slot(
         conn.close()
 
 
+async def recv_slot(url: str, consumer: Consumer) -> None:
+    """The slot streamed by pg_recvlogical (C: the replication protocol, keepalives and
+    feedback), its decoded lines read from a pipe in chunks of up to 64 KiB: Python touches
+    each chat_sessions line once, never each protocol message. poll_seconds counts the CPU
+    this side spends parsing."""
+    process = await asyncio.create_subprocess_exec(
+        "pg_recvlogical",
+        "--dbname",
+        url,
+        "--slot",
+        SLOT,
+        "--start",
+        "--option",
+        "include-xids=0",
+        "--option",
+        "skip-empty-xacts=1",
+        "--status-interval",
+        "1",
+        "--file",
+        "-",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    tail = b""
+    try:
+        while not consumer.stop.is_set():
+            try:
+                chunk = await asyncio.wait_for(process.stdout.read(1 << 16), POLL_SECONDS)
+            except TimeoutError:
+                consumer.idle.set()
+                continue
+            if not chunk:
+                raise RuntimeError(f"pg_recvlogical exited ({await process.wait()})")
+            started = time.process_time()
+            lines = (tail + chunk).split(b"\n")
+            tail = lines.pop()
+            ids: set[str] = set()
+            for line in lines:
+                if line.startswith(b"table public.chat_sessions: "):
+                    ids |= changed_mitras(line.decode())
+            consumer.note(ids)
+            consumer.rows += len(lines)
+            consumer.polls += 1
+            consumer.poll_seconds += time.process_time() - started
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.communicate()  # to EOF: until then, wait() would never return
+
+
 @asynccontextmanager
 async def following(variant: str, url: str) -> AsyncIterator[Consumer]:
     """The variant's consumer running for the duration (and its slot, made and dropped)."""
@@ -210,6 +289,10 @@ async def following(variant: str, url: str) -> AsyncIterator[Consumer]:
             task = asyncio.create_task(
                 asyncio.to_thread(stream_slot, url, consumer, halt, asyncio.get_running_loop())
             )
+        elif variant == "logical, pg_recvlogical":
+            await db.execute("ALTER TABLE chat_sessions REPLICA IDENTITY FULL")
+            await db.execute("SELECT pg_create_logical_replication_slot($1, 'test_decoding')", SLOT)
+            task = asyncio.create_task(recv_slot(url, consumer))
         elif variant.startswith("logical"):
             identity = "DEFAULT" if variant == "logical" else "FULL"
             await db.execute(f"ALTER TABLE chat_sessions REPLICA IDENTITY {identity}")
@@ -221,7 +304,12 @@ async def following(variant: str, url: str) -> AsyncIterator[Consumer]:
             task = asyncio.create_task(poll_table(url, consumer))
         if task is not None:
             # The set-up's own changes (the change table's backlog) are not the run's.
-            await asyncio.wait_for(consumer.idle.wait(), 60.0)
+            idle = asyncio.create_task(consumer.idle.wait())
+            await asyncio.wait((idle, task), timeout=60.0, return_when=asyncio.FIRST_COMPLETED)
+            if not idle.done():
+                idle.cancel()
+                await task if task.done() else None
+                raise TimeoutError(f"{variant}: no idle consumer in 60 s")
             consumer.polls = consumer.rows = 0
             consumer.poll_seconds = 0.0
         yield consumer
@@ -231,6 +319,11 @@ async def following(variant: str, url: str) -> AsyncIterator[Consumer]:
         if task is not None:
             await task
         if variant.startswith("logical"):
+            # A walsender outlives its client by a moment; the slot is busy until it exits.
+            for _ in range(100):
+                if not await db.fetchval(_SLOT_ACTIVE, SLOT):
+                    break
+                await asyncio.sleep(0.05)
             await db.execute("SELECT pg_drop_replication_slot($1)", SLOT)
         await db.close()
 
@@ -274,15 +367,17 @@ async def measure_writers(
     kinds: tuple[str, ...],
     folder: Path,
 ) -> dict[tuple[str, int, str], Throughput]:
-    """(kind, writers, variant) -> best tps (and WAL bytes per transaction of that run)."""
+    """(kind, writers, variant) -> best tps (and WAL bytes per transaction of that run), for
+    each variant of `urls`."""
+    variants = tuple(urls)
     results: dict[tuple[str, int, str], Throughput] = {}
     for count in writers:
         transactions = transactions_for(count, seconds)
         for n, kind in enumerate(kinds):
             # Interleaved, each (kind, writers) starting from another variant: a burst of
             # someone else's work on this shared machine lands on one run, not one variant.
-            shift = (n + writers.index(count)) % len(VARIANTS)
-            order = list(VARIANTS[shift:] + VARIANTS[:shift])
+            shift = (n + writers.index(count)) % len(variants)
+            order = list(variants[shift:] + variants[:shift])
             for _ in range(rounds):
                 for variant in order:
                     url = urls[variant]
@@ -310,7 +405,7 @@ async def latency(
     folder: Path,
     load_seconds: float = 0.0,
     load_writers: int = 16,
-) -> tuple[list[float], int, float]:
+) -> tuple[list[float], int, float, int]:
     """ms from just before a single writer's INSERT of an active session (autocommit) to the
     consumer holding its mitra's id; each sample a mitra of its own, outside the ones the
     load touches, so nothing else can report it. With load_seconds, load_writers `end`
@@ -357,17 +452,19 @@ async def latency(
                     missed += 1  # not in hand 30 s after its commit
                     continue
                 waits.append((consumer.seen[mitra] - started) * 1000)
+                consumer.sent_behind = max(consumer.sent_behind, await _sent_behind(db))
                 await asyncio.sleep(0.005)
             if load is not None:
                 await load
             per_poll = consumer.poll_seconds / max(1, consumer.polls) * 1000
+            behind = consumer.sent_behind
     finally:
         if load is not None and not load.done():
             load.cancel()
             with suppress(asyncio.CancelledError, RuntimeError):
                 await load
         await db.close()
-    return sorted(waits), missed, per_poll
+    return sorted(waits), missed, per_poll, behind
 
 
 def mb(value: object) -> str:
@@ -471,13 +568,15 @@ def table(
     results: dict[tuple[str, int, str], Throughput],
     value: Callable[[Throughput, Throughput], str],
 ) -> list[str]:
+    measured = {v for _, _, v in results}
+    variants = [v for v in VARIANTS if v in measured]
     lines = [
-        "| statement | writers | " + " | ".join(VARIANTS) + " |",
-        "| --- | --- |" + " --- |" * len(VARIANTS),
+        "| statement | writers | " + " | ".join(variants) + " |",
+        "| --- | --- |" + " --- |" * len(variants),
     ]
     for kind, count in dict.fromkeys((k, c) for k, c, _ in results):
         none = results[(kind, count, "none")]
-        cells = [value(results[(kind, count, v)], none) for v in VARIANTS]
+        cells = [value(results[(kind, count, v)], none) for v in variants]
         lines.append(f"| {KINDS[kind][0]} | {count} | " + " | ".join(cells) + " |")
     return lines
 
@@ -490,7 +589,9 @@ async def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["accept", "end", "create"])
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--hold-seconds", type=float, default=10.0)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     args = parser.parse_args()
+    variants = tuple(v for v in VARIANTS if v == "none" or v in args.variants)
 
     folder = Path(tempfile.mkdtemp(prefix="availability-logical-"))
     progress(f"throwaway Postgres (wal_level=logical) in {folder}")
@@ -504,6 +605,7 @@ async def main() -> None:
         ):
             urls = {"none": none, "change table": change_table}
             urls |= {v: slot for v in VARIANTS if v.startswith("logical")}
+            urls = {v: url for v, url in urls.items() if v in variants}
             admin = await asyncpg.connect(server.dsn)
             version = await admin.fetchval("SHOW server_version")
             shown = {
@@ -522,8 +624,9 @@ async def main() -> None:
                 folder,
             )
 
-            latencies: dict[tuple[str, str], tuple[list[float], int, float]] = {}
-            for variant in ("change table", "logical, full", "logical, snapshots", *STREAMING):
+            latencies: dict[tuple[str, str], tuple[list[float], int, float, int]] = {}
+            followed = ("change table", "logical, full", "logical, snapshots", *STREAMING)
+            for variant in [v for v in (*followed, *RECVLOGICAL) if v in variants]:
                 progress(f"latency: {variant}")
                 latencies[(variant, "idle")] = await latency(
                     variant, urls[variant], args.samples, folder
@@ -534,7 +637,7 @@ async def main() -> None:
                     )
 
             progress("WAL retained by an unread slot")
-            kept = await retention(slot, args.hold_seconds, folder)
+            kept = await retention(slot, args.hold_seconds, folder) if args.hold_seconds else []
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -553,15 +656,17 @@ async def main() -> None:
         "",
         "Commit to the consumer holding the mitra id (single writer, 20 ms poll):",
         "",
-        "| consumer | while | samples | p50 | p99 | max | not seen in 30 s | a poll takes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| consumer | while | samples | p50 | p99 | max | not seen in 30 s | a poll takes"
+        " | the walsender's send behind the WAL (max) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for (variant, load), (waits, missed, per_poll) in latencies.items():
+    for (variant, load), (waits, missed, per_poll, behind) in latencies.items():
         figures = " | ".join(
             f"{percentile(waits, p):.1f} ms" if waits else "-" for p in (0.5, 0.99, 1.0)
         )
         lines.append(
-            f"| {variant} | {load} | {len(waits)} | {figures} | {missed} | {per_poll:.1f} ms |"
+            f"| {variant} | {load} | {len(waits)} | {figures} | {missed} | {per_poll:.1f} ms"
+            f" | {f'{behind / 2**20:,.1f} MB' if variant in STREAMED else '-'} |"
         )
     lines += ["", "A slot nobody reads:", "", "| case | figure |", "| --- | --- |"]
     lines += [f"| {case} | {figure} |" for case, figure in kept]
