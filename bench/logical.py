@@ -20,7 +20,10 @@ statements (bench.footprint's KINDS and seed) on databases alike, interleaved, b
   run when psycopg2 is installed (`pip install psycopg2-binary`);
 - logical, pg_recvlogical: the same stream taken by PostgreSQL's `pg_recvlogical` (C) into a
   pipe, read in chunks, so that the consumer's own parsing is out of the way and what is
-  left is the walsender's decoding (its `sent_lsn` lag is reported with the latencies).
+  left is the walsender's decoding (its `sent_lsn` lag is reported with the latencies);
+- logical, pgoutput: the same through `pgoutput` and a publication whose row filter passes
+  only rows counted in a load, so the walsender formats and sends only the changes that
+  move one.
 
 `--variants` picks some (none is always run); `--hold-seconds 0` skips the slot retention.
 
@@ -60,7 +63,9 @@ from .footprint import _BEFORE, _PREPARE, KINDS, MITRAS, database, run_pgbench
 STREAMING = ("logical, streaming",) if importlib.util.find_spec("psycopg2") else ()
 # pg_recvlogical (PostgreSQL's client tools) streams the slot in C; the service's side would
 # only read its output in bulk.
-RECVLOGICAL = ("logical, pg_recvlogical",) if shutil.which("pg_recvlogical") else ()
+RECVLOGICAL = (
+    ("logical, pg_recvlogical", "logical, pgoutput") if shutil.which("pg_recvlogical") else ()
+)
 STREAMED = (*STREAMING, *RECVLOGICAL)
 VARIANTS = ("none", "change table", "logical", "logical, full", "logical, snapshots", *STREAMED)
 POLL_SECONDS = 0.02
@@ -76,6 +81,13 @@ WHERE data LIKE 'table public.chat_sessions: %'
 """
 _MITRA = re.compile(r"mitra_id\[uuid\]:(?:'([0-9a-f-]{36})'|null)")
 _STATUS = re.compile(r"status\[text\]:'([a-z_]+)'")
+# pgoutput sends only the changes this filter passes (an UPDATE is sent when either its old or
+# its new row passes), each as tuples in text, so the ids are in the stream as they are.
+_PUBLICATION = """
+CREATE PUBLICATION availability_bench FOR TABLE chat_sessions
+WHERE (mitra_id IS NOT NULL AND status IN ('active', 'pending_payment'))
+"""
+_UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _SLOT_ACTIVE = "SELECT active FROM pg_replication_slots WHERE slot_name = $1"
 _SENT_BEHIND = """
 SELECT coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), sent_lsn)), 0)::bigint
@@ -217,11 +229,17 @@ def stream_slot(
         conn.close()
 
 
-async def recv_slot(url: str, consumer: Consumer) -> None:
+async def recv_slot(url: str, consumer: Consumer, pgoutput: bool = False) -> None:
     """The slot streamed by pg_recvlogical (C: the replication protocol, keepalives and
     feedback), its decoded lines read from a pipe in chunks of up to 64 KiB: Python touches
     each chat_sessions line once, never each protocol message. poll_seconds counts the CPU
-    this side spends parsing."""
+    this side spends parsing. With `pgoutput`, the publication's filter has already chosen
+    the changes and every id in them is noted (a bench's shortcut: the service would parse
+    the messages for the old and new mitra)."""
+    if pgoutput:
+        options = ["proto_version=1", "publication_names=availability_bench"]
+    else:
+        options = ["include-xids=0", "skip-empty-xacts=1"]
     process = await asyncio.create_subprocess_exec(
         "pg_recvlogical",
         "--dbname",
@@ -229,10 +247,7 @@ async def recv_slot(url: str, consumer: Consumer) -> None:
         "--slot",
         SLOT,
         "--start",
-        "--option",
-        "include-xids=0",
-        "--option",
-        "skip-empty-xacts=1",
+        *(arg for option in options for arg in ("--option", option)),
         "--status-interval",
         "1",
         "--file",
@@ -251,6 +266,12 @@ async def recv_slot(url: str, consumer: Consumer) -> None:
             if not chunk:
                 raise RuntimeError(f"pg_recvlogical exited ({await process.wait()})")
             started = time.process_time()
+            if pgoutput:
+                consumer.note(m.decode() for m in _UUID.findall(chunk))
+                consumer.rows += chunk.count(b"U") + chunk.count(b"I") + chunk.count(b"D")
+                consumer.polls += 1
+                consumer.poll_seconds += time.process_time() - started
+                continue
             lines = (tail + chunk).split(b"\n")
             tail = lines.pop()
             ids: set[str] = set()
@@ -285,6 +306,12 @@ async def following(variant: str, url: str) -> AsyncIterator[Consumer]:
             await db.execute("ALTER TABLE chat_sessions REPLICA IDENTITY FULL")
             await db.execute("SELECT pg_create_logical_replication_slot($1, 'test_decoding')", SLOT)
             task = asyncio.create_task(recv_slot(url, consumer))
+        elif variant == "logical, pgoutput":
+            await db.execute("ALTER TABLE chat_sessions REPLICA IDENTITY FULL")
+            await db.execute("DROP PUBLICATION IF EXISTS availability_bench")
+            await db.execute(_PUBLICATION)
+            await db.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", SLOT)
+            task = asyncio.create_task(recv_slot(url, consumer, pgoutput=True))
         elif variant.startswith("logical"):
             identity = "DEFAULT" if variant == "logical" else "FULL"
             await db.execute(f"ALTER TABLE chat_sessions REPLICA IDENTITY {identity}")
