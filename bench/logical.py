@@ -266,20 +266,21 @@ async def recv_slot(url: str, consumer: Consumer, pgoutput: bool = False) -> Non
             if not chunk:
                 raise RuntimeError(f"pg_recvlogical exited ({await process.wait()})")
             started = time.process_time()
-            if pgoutput:
-                consumer.note(m.decode() for m in _UUID.findall(chunk))
-                consumer.rows += chunk.count(b"U") + chunk.count(b"I") + chunk.count(b"D")
-                consumer.polls += 1
-                consumer.poll_seconds += time.process_time() - started
-                continue
-            lines = (tail + chunk).split(b"\n")
-            tail = lines.pop()
             ids: set[str] = set()
-            for line in lines:
-                if line.startswith(b"table public.chat_sessions: "):
-                    ids |= changed_mitras(line.decode())
+            if pgoutput:
+                # The chunk's end may cut an id: the last 35 bytes are searched again next time.
+                found = _UUID.findall(tail + chunk)
+                tail = (tail + chunk)[-35:]
+                ids.update(m.decode() for m in found)
+                consumer.rows += len(found)
+            else:
+                lines = (tail + chunk).split(b"\n")
+                tail = lines.pop()
+                for line in lines:
+                    if line.startswith(b"table public.chat_sessions: "):
+                        ids |= changed_mitras(line.decode())
+                consumer.rows += len(lines)
             consumer.note(ids)
-            consumer.rows += len(lines)
             consumer.polls += 1
             consumer.poll_seconds += time.process_time() - started
     finally:
