@@ -38,20 +38,22 @@ class Fleet:
         online: bool = False,
         heartbeat_age: float = 0.0,
     ) -> UUID:
+        # One statement: the mitra's insert wakes the server's follower, and a resync that
+        # read the mitra between two statements would mirror it offline for good.
         mitra_id: UUID = await self.db.fetchval(
-            "INSERT INTO mitras (display_name, is_active, max_concurrent_sessions)"
-            " VALUES ($1, $2, $3) RETURNING id",
+            "WITH mitra AS ("
+            "  INSERT INTO mitras (display_name, is_active, max_concurrent_sessions)"
+            "  VALUES ($1, $2, $3) RETURNING id),"
+            " online AS ("
+            "  INSERT INTO mitra_online_status (mitra_id, is_online, last_heartbeat_at)"
+            "  SELECT id, true, now() - make_interval(secs => $5) FROM mitra WHERE $4)"
+            " SELECT id FROM mitra",
             name,
             active,
             capacity,
+            online,
+            heartbeat_age,
         )
-        if online:
-            await self.db.execute(
-                "INSERT INTO mitra_online_status (mitra_id, is_online, last_heartbeat_at)"
-                " VALUES ($1, true, now() - make_interval(secs => $2))",
-                mitra_id,
-                heartbeat_age,
-            )
         return mitra_id
 
     async def session(
