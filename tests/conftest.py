@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -44,6 +45,14 @@ from .helpers import Fleet
 
 if TYPE_CHECKING:
     from availability.local_stores import LocalPostgres, LocalValkey, LocalValkeyCluster
+
+# Children that a test stops with SIGINT, as Ctrl-C would, must not inherit SIGINT ignored,
+# which a shell that runs the suite in the background (`bash .ci/run &`) leaves. An ignored
+# signal stays ignored across exec and a handled one does not, so the run handles it. Resetting
+# it in each child instead (preexec_fn) forks this process, whose gRPC threads' fork handlers
+# can then fail in the child before it ever runs.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _OWN_STORES = {"own_valkey", "own_postgres", "own_cluster"}
 

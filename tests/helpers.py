@@ -112,13 +112,6 @@ class Fleet:
         )
 
 
-def interruptible() -> None:
-    """preexec_fn for a child that a test stops with SIGINT, as Ctrl-C would: a shell that
-    starts the suite in the background (`bash .ci/run &`) leaves SIGINT ignored, and the child
-    would inherit that."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 async def eventually(
     check: Callable[[], Awaitable[T]], *, timeout: float = 5.0, interval: float = 0.02
 ) -> T:

@@ -25,7 +25,7 @@ from availability.server import Server
 from availability.settings import Settings
 from availability.status import gather
 
-from .helpers import eventually, interruptible, scrape_metrics, server_env, store_env
+from .helpers import eventually, scrape_metrics, server_env, store_env
 
 # Ten times the default pace: staleness 9 s (the traffic scales with it: heartbeats every
 # 1.5-3 s, 15 chats a second), auto-offline every 3 s. Valkey's timeout as the `settings`
@@ -76,7 +76,6 @@ async def _started(
             env=env,
             stdout=out,
             stderr=out,
-            preexec_fn=interruptible,
         )
     try:
         yield process

@@ -18,7 +18,7 @@ from pathlib import Path
 from availability.local_stores import free_port
 from availability.settings import Settings
 
-from .helpers import interruptible, store_env
+from .helpers import store_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SHELL = {"sh", "bash", "console"}
@@ -87,7 +87,6 @@ def _start_dev(
             env=env,
             stdout=out,
             stderr=out,
-            preexec_fn=interruptible,
         )
     # The user's other terminal: the addresses they set for make run, the stores only in
     # .data/dev.env.

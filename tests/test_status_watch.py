@@ -15,7 +15,7 @@ from uuid import UUID
 from availability.client import AvailabilityClient
 from availability.server import Server
 
-from .helpers import Fleet, interruptible, server_env
+from .helpers import Fleet, server_env
 from .test_status import reported
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -60,7 +60,6 @@ async def test_the_watch_redraws_every_second_with_moving_counts_and_rates(
         env=env,
         cwd=tmp_path,
         stdout=asyncio.subprocess.PIPE,
-        preexec_fn=interruptible,
     )
     # Unary heartbeats: the frames show rates by method, and Heartbeat is the one that moves.
     async with AvailabilityClient(f"127.0.0.1:{server.port}", heartbeat_window=0) as client:
