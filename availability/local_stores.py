@@ -144,7 +144,8 @@ def _launch(
     beside gRPC traffic). With nothing left to do before the exec, subprocess uses vfork(),
     which runs no handlers. The death signal is tied to the thread that started the server, so
     it is only armed from the main thread: a server started from a worker thread would
-    otherwise die with the thread.
+    otherwise die with the thread. Without setpriv the server starts without it, and only the
+    exit hook stops it; root needs setpriv to start Postgres at all.
     """
     prefix: list[str] = []
     if account is not None:
