@@ -1,25 +1,45 @@
 # Two commands set everything up on a fresh machine with Python 3.11 and make:
 #   make run    venv + install, local Postgres/Valkey if DATABASE_URL/VALKEY_URL are unset, serve
 #   make test   lint, proto check and the whole suite against real Postgres and Valkey
+# What is installed comes from uv.lock alone (exact versions and hashes); `make lock` and
+# `make upgrade` change it on purpose.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# uv itself, pinned by hash in requirements/uv.txt, in a venv of its own.
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+# uv uses the Python given, never one it would download.
+export UV_PYTHON_DOWNLOADS := never
 PROTO_OUT := availability/v1
 PROTOS := $(wildcard protos/availability/v1/*.proto)
 
 NODE_CLIENT := clients/node
 NODE_STAMP := $(NODE_CLIENT)/node_modules/.installed
 
-.PHONY: run reset test test-node lint protos check-protos install clean bench bench-quick chaos chaos-cluster
+.PHONY: run reset test test-node lint protos check-protos install lock upgrade clean bench bench-quick chaos chaos-cluster
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(UV): requirements/uv.txt
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
+	touch $(UV)
+
+# --locked: refuses to run when pyproject.toml and uv.lock disagree (run make lock).
+$(STAMP): pyproject.toml uv.lock $(UV)
+	$(UV) sync --quiet --locked --extra dev --python $(PYTHON)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# After editing pyproject.toml: re-resolve, keeping every pin that still fits.
+lock: $(UV)
+	$(UV) lock
+
+# Move pins forward on purpose and print what moved: all of them, or PACKAGE=name only.
+# Then `make protos` if grpcio-tools moved, and `make test`.
+upgrade: $(UV)
+	$(UV) lock $(if $(PACKAGE),--upgrade-package $(PACKAGE),--upgrade)
 
 run: $(STAMP)
 	$(BIN)/availability dev
@@ -82,4 +102,4 @@ chaos-cluster: $(STAMP)
 	$(BIN)/python -m bench.chaos --cluster
 
 clean:
-	rm -rf $(VENV) build .data $(NODE_CLIENT)/node_modules $(NODE_CLIENT)/dist $(NODE_CLIENT)/src/gen
+	rm -rf $(VENV) $(TOOLS) build .data $(NODE_CLIENT)/node_modules $(NODE_CLIENT)/dist $(NODE_CLIENT)/src/gen

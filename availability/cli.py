@@ -219,7 +219,10 @@ def _yes(value: object) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .version import describe
+
     parser = argparse.ArgumentParser(prog="availability", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"availability {describe()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")

@@ -10,11 +10,12 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .mirror import Trust
+from .version import VERSION, commit
 
 if TYPE_CHECKING:
     from .server import Server
@@ -42,6 +43,12 @@ class Metrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        Gauge(
+            "availability_build_info",
+            "1, labelled with the version and commit this process runs.",
+            ["version", "commit"],
+            registry=self.registry,
+        ).labels(VERSION, commit()).set(1)
         self.registry.register(_Domain(server))
         self._http: WSGIServer | None = None
         self.port = 0

@@ -140,7 +140,7 @@ def sentinel_pool(
     }
     if tls:
         sentinel_options.update(ssl=True, **{k: v for k, v in target.items() if k[:4] == "ssl_"})
-    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+    sentinels = Sentinel(
         [_node(address) for address in settings.valkey_sentinels],
         sentinel_kwargs=sentinel_options,
     )

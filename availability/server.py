@@ -45,6 +45,7 @@ from .v1 import availability_pb2 as pb
 from .v1 import availability_pb2_grpc as pb_grpc
 from .v1 import dashboard_pb2 as dashboard_pb
 from .v1 import dashboard_pb2_grpc as dashboard_pb_grpc
+from .version import VERSION, commit, describe
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ class Server:
             options=[
                 ("grpc.so_reuseport", int(reuse_port)),
                 ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+                *_connection_age(settings),
             ],
             maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         )
@@ -287,9 +289,10 @@ class Server:
         self._serving = True
         self._tasks.append(asyncio.create_task(self._announce(), name="announce"))
         log.info(
-            "serving on %s (pid %d) after %.2fs",
+            "serving on %s (pid %d, version %s) after %.2fs",
             settings.grpc_address.rsplit(":", 1)[0] + f":{self.port}",
             os.getpid(),
+            describe(),
             time.perf_counter() - started,
         )
 
@@ -314,6 +317,8 @@ class Server:
             else "",
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "version": VERSION,
+            "commit": commit(),
             "started_at": self._started_at.isoformat(),
             "serving": self._serving,
             "valkey_breaker_open": availability.mirror.breaker.is_open,
@@ -393,6 +398,21 @@ class Server:
                 await step
         except TimeoutError:
             log.error("shutdown: %s did not finish within %.0fs; going on", name, seconds)
+
+
+def _connection_age(settings: Settings) -> list[tuple[str, int]]:
+    """GRPC_MAX_CONNECTION_AGE_SECONDS: a connection older than this gets a GOAWAY (gRPC adds
+    +-10 % jitter), so long-lived clients reconnect, re-resolve and reach instances added since;
+    calls in flight then have the grace to end."""
+    if not settings.grpc_max_connection_age_seconds:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", round(settings.grpc_max_connection_age_seconds * 1000)),
+        (
+            "grpc.max_connection_age_grace_ms",
+            round(settings.grpc_max_connection_age_grace_seconds * 1000),
+        ),
+    ]
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

@@ -49,6 +49,8 @@ class Settings:
     watch_max_streams: int = 5_000
     grpc_max_message_bytes: int = 4 * 1024 * 1024
     grpc_max_concurrent_rpcs: int = 10_000
+    grpc_max_connection_age_seconds: float = 0.0
+    grpc_max_connection_age_grace_seconds: float = 30.0
     database_timeout_seconds: float = 5.0
     valkey_timeout_seconds: float = 0.25
     valkey_breaker_failures: int = 3
@@ -132,6 +134,11 @@ class Settings:
             raise SettingsError(f"MASS_STALE_SHARE must be in (0, 1], got {self.mass_stale_share}")
         if self.mass_stale_min < 0:
             raise SettingsError(f"MASS_STALE_MIN must be >= 0, got {self.mass_stale_min}")
+        for name in ("grpc_max_connection_age_seconds", "grpc_max_connection_age_grace_seconds"):
+            if getattr(self, name) < 0:
+                raise SettingsError(
+                    f"{name.upper()} must be >= 0 (0: off), got {getattr(self, name)}"
+                )
         if self.load_poll_seconds < 0:
             raise SettingsError(
                 f"LOAD_POLL_SECONDS must be >= 0 (0: off), got {self.load_poll_seconds}"

@@ -268,6 +268,12 @@ def _instances(
             )
     if not deployment.instances:
         notes.append("no instance has reported in Valkey in the last minute")
+    versions = sorted({_version(i) for i in report["instances"].values()})
+    if len(versions) > 1:
+        notes.append(
+            f"instances run {len(versions)} versions ({', '.join(versions)}): a rolling "
+            "upgrade or rollback in progress, or one left behind"
+        )
 
 
 def render(report: dict[str, Any]) -> str:
@@ -321,6 +327,7 @@ def _sweep_line(name: str, sweep: dict[str, Any]) -> str:
 def _instance_line(name: str, instance: dict[str, Any]) -> str:
     return (
         f"{name}  {instance.get('address')}"
+        f"  {_version(instance)}"
         f"  {'serving' if instance.get('serving') else 'NOT SERVING'}"
         f"  seen {instance['seen_seconds_ago']} s ago"
         f"  breaker {'OPEN' if instance.get('valkey_breaker_open') else 'closed'}"
@@ -330,6 +337,13 @@ def _instance_line(name: str, instance: dict[str, Any]) -> str:
         f"  listener {'up' if instance.get('postgres_listener_connected') else 'DOWN'}"
         f"  watchers {instance.get('watchers')}"
     )
+
+
+def _version(instance: dict[str, Any]) -> str:
+    """Releases before 0.2.0 do not report theirs."""
+    if "version" not in instance:
+        return "version unknown (before 0.2.0)"
+    return f"{instance['version']} ({instance.get('commit', 'unknown')})"
 
 
 def _part(
