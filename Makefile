@@ -18,7 +18,7 @@ PROTOS := $(wildcard protos/availability/v1/*.proto)
 NODE_CLIENT := clients/node
 NODE_STAMP := $(NODE_CLIENT)/node_modules/.installed
 
-.PHONY: run reset test test-node lint protos check-protos install lock upgrade clean bench bench-quick chaos chaos-cluster
+.PHONY: run reset test test-node lint protos check-protos check-wire install lock upgrade image image-base clean bench bench-quick chaos chaos-cluster
 
 $(UV): requirements/uv.txt
 	$(PYTHON) -m venv $(TOOLS)
@@ -71,7 +71,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check availability tests bench examples
 	$(BIN)/mypy availability examples
 
-test: lint check-protos test-node
+# The wire contract (protos/) against the last release in releases.toml: fields and RPCs may
+# be added, never renumbered, renamed or retyped.
+PREVIOUS_RELEASE = $(shell sed -n 's/^commit = "\(.*\)"$$/\1/p' releases.toml | tail -n 1)
+check-wire: $(STAMP)
+	$(BIN)/buf breaking --against '.git#ref=$(PREVIOUS_RELEASE)'
+	@echo "protos/ keep the wire contract of $(PREVIOUS_RELEASE)"
+
+test: lint check-protos check-wire test-node
 	$(BIN)/python -m pytest
 
 $(NODE_STAMP): $(NODE_CLIENT)/package-lock.json
@@ -100,6 +107,45 @@ chaos: $(STAMP)
 # The same with Valkey as a local Valkey Cluster, whose slot master is killed; writes bench/CHAOS-cluster.md.
 chaos-cluster: $(STAMP)
 	$(BIN)/python -m bench.chaos --cluster
+
+# The container image (Containerfile), tagged with pyproject's version. The build context is
+# build/image: the runtime wheels uv.lock names (hashes checked) and the service's wheel
+# stamped with its commit, so the build itself needs no network. BASE overrides the
+# Containerfile's base image; CONTAINER_FLAGS go to `build` (Podman on this kind of machine:
+# "--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024").
+VERSION = $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE ?= availability:$(VERSION)
+CONTAINER ?= $(shell command -v podman || command -v docker)
+CONTAINER_FLAGS ?=
+BASE ?=
+IMAGE_CONTEXT := build/image
+image: $(STAMP)
+	rm -rf $(IMAGE_CONTEXT) && mkdir -p $(IMAGE_CONTEXT)/src $(IMAGE_CONTEXT)/wheels
+	git ls-files -z --cached --others --exclude-standard | xargs -0 sh -c \
+		'for f; do [ -f "$$f" ] && cp --parents "$$f" $(IMAGE_CONTEXT)/src; done' copy
+	$(BIN)/python -c 'from availability.version import commit; print(commit())' \
+		>$(IMAGE_CONTEXT)/src/availability/COMMIT
+	$(UV) build --quiet --wheel --out-dir $(IMAGE_CONTEXT)/wheels $(IMAGE_CONTEXT)/src
+	$(UV) export --quiet --frozen --no-dev --no-emit-project --format requirements-txt \
+		-o $(IMAGE_CONTEXT)/requirements.txt
+	# Every wheel any Python 3.11 may need (markers dropped: pip in the image decides).
+	sed -E 's/ ;[^\\]*\\$$/ \\/' $(IMAGE_CONTEXT)/requirements.txt >$(IMAGE_CONTEXT)/all.txt
+	$(TOOLS)/bin/pip download --quiet --no-deps --require-hashes --only-binary=:all: \
+		--python-version 3.11 --implementation cp --platform manylinux2014_$(shell uname -m) \
+		--platform manylinux_2_28_$(shell uname -m) --platform any \
+		-r $(IMAGE_CONTEXT)/all.txt -d $(IMAGE_CONTEXT)/wheels
+	$(CONTAINER) build $(CONTAINER_FLAGS) $(if $(BASE),--build-arg BASE=$(BASE)) \
+		--label org.opencontainers.image.version=$(VERSION) -t $(IMAGE) \
+		-f Containerfile $(IMAGE_CONTEXT)
+
+# A Python 3.11 base made from Debian's packages, for machines that reach no image registry
+# (the image test uses it): `make image BASE=$(LOCAL_BASE)`.
+LOCAL_BASE := localhost/availability-base:bookworm
+image-base:
+	$(CONTAINER) image exists $(LOCAL_BASE) || { \
+		mkdir -p build && rm -f build/base.tar && \
+		mmdebstrap --quiet --variant=minbase --include=python3,python3-venv bookworm build/base.tar && \
+		$(CONTAINER) import build/base.tar $(LOCAL_BASE) && rm build/base.tar; }
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build .data $(NODE_CLIENT)/node_modules $(NODE_CLIENT)/dist $(NODE_CLIENT)/src/gen

@@ -107,11 +107,13 @@ class AvailabilityClient:
         credentials: grpc.ChannelCredentials | None = None,
         heartbeat_window: float = 0.002,
         heartbeat_batch: int = 500,
+        options: Sequence[tuple[str, str | int]] = (),
     ) -> None:
         """token: one of the server's AUTH_TOKENS, sent as a bearer token. credentials: for
         TLS, e.g. grpc.ssl_channel_credentials(ca, client_key, client_chain) for mutual TLS.
         heartbeat_window (seconds) and heartbeat_batch: concurrent heartbeat() calls within
-        the window, up to heartbeat_batch ids, go as one BatchHeartbeat; 0 sends each alone."""
+        the window, up to heartbeat_batch ids, go as one BatchHeartbeat; 0 sends each alone.
+        options: more gRPC channel arguments (e.g. grpc.dns_min_time_between_resolutions_ms)."""
         if heartbeat_window < 0 or not 1 <= heartbeat_batch <= convert.MAX_BATCH_HEARTBEATS:
             raise ValueError(
                 "heartbeat_window must be >= 0 and heartbeat_batch 1 to "
@@ -120,6 +122,7 @@ class AvailabilityClient:
         options = [
             ("grpc.service_config", service_config(timeout, attempts)),
             ("grpc.enable_retries", 1),
+            *options,
         ]
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)

@@ -262,42 +262,21 @@ def _int(raw: str) -> int:
         raise ValueError(f"expected an integer, got {raw!r}") from None
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "heartbeat_stale_seconds": _float,
-    "mitra_auto_offline_sweep_seconds": _float,
-    "heartbeat_mirror_interval_seconds": _float,
-    "valkey_online_mirror_sweep_seconds": _float,
-    "beacon_ttl_seconds": _float,
-    "database_timeout_seconds": _float,
-    "valkey_timeout_seconds": _float,
-    "valkey_breaker_seconds": _float,
-    "log_slow_rpc_seconds": _float,
-    "startup_timeout_seconds": _float,
-    "mirror_layout": _int,
-    "valkey_sentinels": _tokens,
-    "log_format": str.lower,
-    "valkey_breaker_failures": _int,
-    "valkey_cluster": _bool,
-    "allow_insecure_network": _bool,
-    "grpc_reflection": _bool,
-    "auth_tokens": _tokens,
-    "migrate_on_start": _bool,
-    "chat_session_triggers": _bool,
-    "change_poll_seconds": _float,
-    "load_poll_seconds": _float,
-    "auth_callers_poll_seconds": _float,
-    "default_max_concurrent_sessions": _int,
-    "database_pool_size": _int,
-    "auto_offline_batch": _int,
-    "mass_stale_share": _float,
-    "mass_stale_min": _int,
-    "mass_stale_max_per_sweep": _int,
-    "watch_retained_changes": _int,
-    "watch_buffer_events": _int,
-    "watch_max_streams": _int,
-    "grpc_max_message_bytes": _int,
-    "grpc_max_concurrent_rpcs": _int,
+_BY_TYPE: dict[type, Callable[[str], Any]] = {
+    bool: _bool,
+    int: _int,
+    float: _float,
+    tuple: _tokens,
+    str: str,
 }
+"""A setting is parsed by the type of its default (every setting with one); the rest by name."""
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    spec.name: _BY_TYPE[type(spec.default)]
+    for spec in fields(Settings)
+    if spec.default is not MISSING
+}
+_PARSERS["log_format"] = str.lower
 
 
 def _split_address(address: str, name: str = "GRPC_ADDRESS") -> str:

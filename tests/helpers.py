@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -15,6 +16,7 @@ from uuid import UUID
 
 import asyncpg
 import grpc
+import pytest
 import redis.asyncio as redis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -189,3 +191,15 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def required_tool(name: str) -> str:
+    """The tool's path; a skip when it is missing, a failure under CI=true (.ci/run installs
+    every tool a test needs; README: Development lists them)."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it; see README: Development)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

@@ -19,8 +19,10 @@ import yaml
 
 from availability import server
 from availability.settings import Settings
+from availability.version import VERSION
 
-from .test_deploy_prometheus import RULES, required_tool
+from .helpers import required_tool
+from .test_deploy_prometheus import RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -87,13 +89,22 @@ def test_the_overlay_sets_namespace_image_and_its_own_settings() -> None:
     assert {o["metadata"].get("namespace") for o in namespaced} == {"availability"}
     pods = [one(objects, "Deployment"), one(objects, "Job", "availability-migrate")]
     images = {c["image"] for p in pods for c in p["spec"]["template"]["spec"]["containers"]}
-    assert images == {"registry.example.com/platform/availability:0.1.0"}
-    assert settings_map(objects)["data"]["VALKEY_KEY_PREFIX"] == "availability-jakarta"
+    assert images == {f"registry.example.com/platform/availability:{VERSION}"}
+    data = settings_map(objects)["data"]
+    assert data["VALKEY_KEY_PREFIX"] == "availability-jakarta"
+    assert float(data["GRPC_MAX_CONNECTION_AGE_SECONDS"]) > 0, "clients re-resolve"
     assert one(objects, "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 20
     egress = one(objects, "NetworkPolicy")["spec"]["egress"]
     assert all("ipBlock" in rule["to"][0] for rule in egress[1:])
     rule = one(objects, "PrometheusRule")
     assert rule["spec"] == yaml.safe_load(RULES.read_text())
+
+
+def test_the_base_names_the_image_make_image_builds_at_this_version() -> None:
+    objects = render(KUBERNETES / "base")
+    pods = [one(objects, "Deployment"), one(objects, "Job", "availability-migrate")]
+    images = {c["image"] for p in pods for c in p["spec"]["template"]["spec"]["containers"]}
+    assert images == {f"availability:{VERSION}"}
 
 
 def test_the_deployment_probes_health_drains_like_the_server_and_runs_locked_down() -> None:

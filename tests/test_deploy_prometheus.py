@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +34,7 @@ from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, stop_process, store_env
+from .helpers import Fleet, required_tool, stop_process, store_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -50,17 +48,6 @@ SCRAPE_SECONDS = 2
 SLACK_SECONDS = 30
 """On top of what Prometheus itself needs: this 2-core machine is shared with other suites."""
 DASHBOARD_VARIABLES = {"$job": "availability", "$instance": ".*", "$__rate_interval": "5m"}
-
-
-def required_tool(name: str) -> str:
-    """The tool's path; a skip when it is missing, a failure under CI=true (CI installs it)."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (.ci/run installs it; see README: Deploy on Kubernetes)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def rules() -> list[dict[str, Any]]:
