@@ -48,7 +48,7 @@ def _progress_bar(total: int) -> Callable[[int], None]:
     return show
 
 
-async def _migrate(settings: Settings) -> None:
+async def _migrate(settings: Settings, contract: bool) -> None:
     """Waits for Postgres like `serve` does (STARTUP_TIMEOUT_SECONDS): a migration job is
     started by the same orchestrator, as early."""
     from .server import StartupDeadline
@@ -57,10 +57,17 @@ async def _migrate(settings: Settings) -> None:
     deadline = StartupDeadline(settings.startup_timeout_seconds)
     truth = await deadline.retry(lambda: Truth.connect(settings))
     try:
-        applied = await deadline.retry(truth.migrate)
+        applied = await deadline.retry(lambda: truth.migrate(contract=contract))
+        pending = await truth.pending_contract_steps()
     finally:
         await truth.close()
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'schema up to date'}")
+    if pending:
+        print(
+            f"{len(pending)} contract step(s) pending ({', '.join(pending)}): run "
+            "`availability migrate --contract` once no older release runs (README: Upgrades "
+            "and rollbacks)"
+        )
 
 
 async def _demo(settings: Settings, mitras: int, online_share: float, only_if_empty: bool) -> None:
@@ -226,7 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
-    commands.add_parser("migrate", help="apply the schema (idempotent)")
+    migrate = commands.add_parser("migrate", help="apply the schema (idempotent)")
+    migrate.add_argument(
+        "--contract",
+        action="store_true",
+        help="also remove what older releases relied on: only once none of them runs",
+    )
     demo = commands.add_parser("demo", help="load a realistic demo fleet")
     demo.add_argument("--mitras", type=int, default=1000)
     demo.add_argument("--online-share", type=float, default=0.6)
@@ -323,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         from .server import run
 
-        return run(_migrate(settings))
+        return run(_migrate(settings, args.contract))
     if args.command == "demo":
         if args.mitras < 1:
             parser.error("--mitras must be >= 1")

@@ -98,6 +98,7 @@ async def _postgres(settings: Settings) -> dict[str, Any]:
             started = time.perf_counter()
             standby, online, mitras, migration = await truth.vitals()
             section["ping_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            section["contract_pending"] = await truth.pending_contract_steps()
         finally:
             await truth.close()
     except Exception as exc:
@@ -178,7 +179,13 @@ async def gather(
             f"Postgres unreachable ({postgres['error']}): writes fail UNAVAILABLE; "
             "see Runbook: Postgres failover"
         )
-    elif postgres["standby"]:
+    elif postgres["contract_pending"]:
+        notes.append(
+            f"contract steps pending ({', '.join(postgres['contract_pending'])}): once no "
+            "older release runs, `availability migrate --contract` (README: Upgrades and "
+            "rollbacks)"
+        )
+    if "error" not in postgres and postgres["standby"]:
         problems.append(
             "DATABASE_URL reaches a standby (read-only): writes fail; "
             "see Runbook: Postgres failover"

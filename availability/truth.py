@@ -7,11 +7,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from importlib import resources
 from uuid import UUID
 
 import asyncpg
 
+from . import schema
 from .errors import AuditUnwritten, MitraDeactivated, MitraNotFound, TruthUnavailable
 from .model import (
     Audit,
@@ -161,7 +161,7 @@ SELECT count(*) FILTER (WHERE {_IS_AVAILABLE})::int AS available,
 _NOW = "SELECT now()"
 
 # One round trip. Active and pending are index-only scans of small partial indexes. The
-# sensitive and 30-day counts add up chat_session_days (and the changes appended since the
+# sensitive and 30-day counts add up availability_session_days (and the changes appended since the
 # last fold) for the days before counted_before, which is about two days back, and count the
 # sessions since from the created_at indexes; the boundary day itself is counted from the
 # index too (the boundary is a time, not a day). No trigger counts an ordinary insert
@@ -175,7 +175,7 @@ WITH bound AS (
     FROM chat_session_days_state s
 ),
 days AS (
-    SELECT day, sensitive, sessions FROM chat_session_days
+    SELECT day, sensitive, sessions FROM availability_session_days
     UNION ALL
     SELECT day, sensitive, sessions FROM chat_session_day_changes
 ),
@@ -337,7 +337,7 @@ FROM generate_series(1, $1)
 # The demo's reset (`availability dev --reset`): no CASCADE, so a table another backend added
 # that references mitras stops it rather than being emptied too.
 _EMPTY = (
-    "TRUNCATE mitras, mitra_online_status, chat_sessions, chat_session_days, auth_sessions,"
+    "TRUNCATE mitras, mitra_online_status, chat_sessions, availability_session_days, auth_sessions,"
     " sweep_fences"
 )
 
@@ -447,11 +447,14 @@ class Truth:
         except _UNREACHABLE as exc:
             raise TruthUnavailable(exc) from exc
 
-    async def migrate(self) -> list[str]:
-        """Apply pending migrations in order; returns the names applied.
+    async def migrate(self, *, contract: bool = False) -> list[str]:
+        """Apply the pending steps (schema.py: expand, and contract when due); returns the
+        names applied.
 
-        An advisory lock serialises instances that start together, and each file is
-        recorded in schema_migrations in the same transaction that applies it.
+        An advisory lock serialises instances that start together. All the steps of one run
+        apply in one transaction, each recorded in schema_migrations: a release in service
+        never sees the schema between two of them (0008 dropped what 0.1.0 listens to, and
+        0010 puts it back).
         """
         applied: list[str] = []
         async with self._connection() as conn:
@@ -462,24 +465,37 @@ class Truth:
                     " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
                 )
                 done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
-                for name, sql in _migrations():
-                    if name in done:
-                        continue
-                    async with conn.transaction():
-                        await conn.execute(sql)
-                        await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
-                    applied.append(name)
-                await conn.execute(
-                    "SELECT availability_set_session_triggers($1)",
-                    self._settings.chat_session_triggers,
-                )
-                default = int(self._settings.default_max_concurrent_sessions)
-                await conn.execute(
-                    f"ALTER TABLE mitras ALTER COLUMN max_concurrent_sessions SET DEFAULT {default}"
-                )
+                due = [
+                    step
+                    for step in schema.steps()
+                    if step.name not in done and step.due(contract=contract, fresh=not done)
+                ]
+                async with conn.transaction():
+                    for step in due:
+                        await conn.execute(step.sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (name) VALUES ($1)", step.name
+                        )
+                        applied.append(step.name)
+                    await conn.execute(
+                        "SELECT availability_set_session_triggers($1)",
+                        self._settings.chat_session_triggers,
+                    )
+                    default = int(self._settings.default_max_concurrent_sessions)
+                    await conn.execute(
+                        "ALTER TABLE mitras ALTER COLUMN max_concurrent_sessions"
+                        f" SET DEFAULT {default}"
+                    )
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
         return applied
+
+    async def pending_contract_steps(self) -> list[str]:
+        """Contract steps not applied yet: `availability migrate --contract` applies them
+        once no release they would break is running (status shows them)."""
+        async with self._connection() as conn:
+            done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        return [s.name for s in schema.steps() if s.contract and s.name not in done]
 
     async def states(self, mitra_ids: Sequence[UUID]) -> list[MitraState]:
         async with self._connection() as conn:
@@ -658,7 +674,8 @@ class Truth:
                 "SELECT pg_is_in_recovery() AS standby,"
                 " (SELECT count(*) FROM mitra_online_status WHERE is_online) AS online,"
                 " (SELECT count(*) FROM mitras) AS mitras,"
-                " (SELECT max(name) FROM schema_migrations) AS migration"
+                " (SELECT max(name) FROM schema_migrations WHERE name NOT LIKE 'contract/%')"
+                " AS migration"
             )
         assert row is not None
         return bool(row["standby"]), int(row["online"]), int(row["mitras"]), str(row["migration"])
@@ -787,9 +804,3 @@ class Truth:
 
 def _row_count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
-
-
-def _migrations() -> list[tuple[str, str]]:
-    folder = resources.files("availability") / "migrations"
-    files = sorted((f.name, f) for f in folder.iterdir() if f.name.endswith(".sql"))
-    return [(name, f.read_text(encoding="utf-8")) for name, f in files]

@@ -115,14 +115,18 @@ class Fleet:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 5.0, interval: float = 0.02
+    check: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = 5.0,
+    interval: float = 0.02,
+    what: str = "condition",
 ) -> T:
     """Poll check until it returns a truthy value; fail with its last value otherwise."""
     deadline = time.monotonic() + timeout
     while True:
         value = await check()
         if value or time.monotonic() > deadline:
-            assert value, f"condition not met within {timeout}s (last value {value!r})"
+            assert value, f"{what} not met within {timeout}s (last value {value!r})"
             return value
         await asyncio.sleep(interval)
 

@@ -334,4 +334,4 @@ async def test_day_counts_follow_updates_deletes_and_truncate(
     assert await matches()
     await db.execute("TRUNCATE chat_sessions")
     assert await matches()
-    assert await db.fetchval("SELECT count(*) FROM chat_session_days") == 0
+    assert await db.fetchval("SELECT count(*) FROM availability_session_days") == 0

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tomllib
 from dataclasses import replace
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from availability import schema
 from availability.settings import Settings
 from availability.truth import Truth
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_migrate_is_idempotent_and_concurrent_safe(
@@ -181,3 +186,31 @@ async def test_hot_queries_use_indexes_on_large_tables(db: asyncpg.Connection) -
     dashboard = await _plan(db, truth._SESSION_COUNTS)
     for index in ("chat_sessions_load_idx", "chat_sessions_pending_idx"):
         assert index in dashboard
+
+
+def test_every_step_says_which_releases_it_keeps_working() -> None:
+    """Expand steps keep the last release working (it may run beside this one, or instead of
+    it after a rollback); only contract steps may break it, and a plain migrate applies them
+    by itself only from a later release on (README: Upgrades and rollbacks)."""
+    previous = tomllib.loads((ROOT / "releases.toml").read_text())["release"][-1]["version"]
+    steps = schema.steps()
+    assert [s.name for s in steps] == sorted(s.name for s in steps)
+    for step in steps:
+        if step.contract:
+            assert step.automatic_from is not None
+            assert schema.version_key(step.automatic_from) > schema.version_key(
+                step.compatible_with
+            ), step.name
+        else:
+            assert schema.version_key(step.compatible_with) <= schema.version_key(previous), (
+                f"{step.name} is an expand step: it must keep release {previous} working"
+            )
+
+
+async def test_a_fresh_database_gets_the_contract_steps_at_once(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """No older release ever ran on the session's database: nothing waits to be contracted."""
+    names = {r["name"] for r in await db.fetch("SELECT name FROM schema_migrations")}
+    assert {s.name for s in schema.steps()} <= names
+    assert await db.fetchval("SELECT to_regclass('chat_session_days')") is None

@@ -1,3 +1,4 @@
+-- compatible-with: >=0.1.0
 -- The contract tables of DESIGN.md. Other backends write mitras and chat_sessions.
 CREATE TABLE IF NOT EXISTS mitras (
     id uuid PRIMARY KEY DEFAULT gen_random_uuid(),

@@ -1,3 +1,4 @@
+-- compatible-with: >=0.1.0
 -- Fencing tokens of the sweeps' leases (epochs from Valkey): a sweep's Postgres write
 -- carries its epoch and is refused once a newer leader has written, so a paused former
 -- leader that wakes late changes nothing.

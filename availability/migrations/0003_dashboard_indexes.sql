@@ -1,3 +1,4 @@
+-- compatible-with: >=0.1.0
 -- GetDashboardStats counts each of these with an index-only scan of a small or ranged
 -- index, instead of scanning every chat session ever held.
 CREATE INDEX IF NOT EXISTS chat_sessions_pending_idx

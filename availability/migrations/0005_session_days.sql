@@ -1,3 +1,4 @@
+-- compatible-with: >=0.1.0
 -- Chat sessions counted per UTC day and sensitivity, kept by statement triggers, so the
 -- dashboard's "all sensitive" and "last 30 days" counts add up a few hundred day rows plus
 -- one partial day, instead of counting millions of sessions on every refresh.

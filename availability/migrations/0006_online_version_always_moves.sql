@@ -1,3 +1,4 @@
+-- compatible-with: >=0.1.0
 -- The mirror orders online/offline writes by mitra_online_status.version. The service bumps
 -- it on every write; these make it move for any other writer too, so a read from before a
 -- row existed (version 0) or before a direct UPDATE can never overwrite a newer one.

@@ -1,3 +1,4 @@
+-- compatible-with: >=0.1.0 (only with 0010, which puts back what this step drops; one migrate applies both in one transaction)
 -- Issue 16: the chat backend's writes paid for our triggers. NOTIFY takes one database-wide
 -- lock at commit, so every committing transaction that notified queued behind the others
 -- (updates 3x slower at 16 writers); every insert of a day updated the same day-counter row

@@ -1,3 +1,4 @@
+-- compatible-with: >=0.1.0
 -- Issue 18: who changed a mitra's state. Every SetMitraActive writes one row, and so do
 -- SetOnline and SetOffline made by a caller with the admin scope, in the same transaction
 -- as the change: a row that cannot be written fails the change with it. Rows outlive their
