@@ -44,6 +44,7 @@ _BEATS = {
     HeartbeatOutcome.DEACTIVATED: Beat.DEACTIVATED,
 }
 _UNKNOWN, _UNSEEDED = HeartbeatOutcome.UNKNOWN, HeartbeatOutcome.UNSEEDED
+_OFFLINE = HeartbeatOutcome.OFFLINE
 
 STORE_ERRORS: tuple[type[BaseException], ...] = (*MIRROR_ERRORS, TruthUnavailable)
 """Either store failing: what background work retries later instead of crashing on."""
@@ -212,21 +213,25 @@ class Availability:
         except MIRROR_ERRORS as exc:
             self._bypassed("heartbeat", exc, "recording in the truth", len(mitra_ids))
             return self._counted(await self.truth.record_heartbeats(mitra_ids))
-        beats = [_BEATS.get(outcome) for outcome in outcomes]
+        # Offline here may only mean that this mirror has not heard of a SetOnline yet (one
+        # made through an instance on another Valkey, during a move): Postgres decides.
+        beats = [None if o is _OFFLINE else _BEATS.get(o) for o in outcomes]
         if None not in beats:
             return self._counted(cast(list[Beat], beats))
         unknown = [i for i, o in zip(mitra_ids, outcomes, strict=True) if o is _UNKNOWN]
+        offline = [i for i, o in zip(mitra_ids, outcomes, strict=True) if o is _OFFLINE]
         unseeded = [i for i, o in zip(mitra_ids, outcomes, strict=True) if o is _UNSEEDED]
-        if unknown:
-            Counters.bump(self.counters.mirror_misses, "heartbeat", len(unknown))
         if unseeded:
             Counters.bump(self.counters.untrusted_reads, "heartbeat", len(unseeded))
-        answered = iter(await self.truth.record_heartbeats([*unknown, *unseeded]))
-        # The truth answers in the order asked: unknown ids first, then unseeded ones.
-        by_id = dict(zip([*unknown, *unseeded], answered, strict=True))
-        known = [i for i in unknown if by_id[i] is not Beat.NOT_FOUND]
-        if known:
-            await self.resync(known)
+        asked = [*unknown, *offline, *unseeded]
+        # The truth answers in the order asked.
+        by_id = dict(zip(asked, await self.truth.record_heartbeats(asked), strict=True))
+        unheard = [i for i in offline if by_id[i] is Beat.RECORDED]
+        if unknown or unheard:
+            Counters.bump(self.counters.mirror_misses, "heartbeat", len(unknown) + len(unheard))
+        heal = [*(i for i in unknown if by_id[i] is not Beat.NOT_FOUND), *unheard]
+        if heal:
+            await self.resync(heal)
         if unseeded and self.mirror.guest:
             # The owner's mirror must see these heartbeats, or its sweep finds them stale.
             await self._mirror_best_effort("heartbeat", self.mirror.request_resync(unseeded))

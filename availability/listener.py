@@ -7,6 +7,15 @@ Not LISTEN/NOTIFY: a transaction that notifies takes one database-wide lock at c
 the chat backend's writes queued behind it (issue 16). The change table costs the writer one
 small upsert, only for the transitions that move a load.
 
+The instance that takes a change resyncs its own mirror and says so on CHANGES_TAKEN, with
+the ids and which mirror it resynced; every instance on another mirror (a move to a new
+Valkey, a blue/green deploy on two) resyncs them in its own. Heartbeats reach Postgres only
+with the flush: after each, the flushing instance says from which time on
+(HEARTBEATS_FLUSHED), and instances on other mirrors resync the mitras heartbeating since,
+so an app whose heartbeats land on one mirror stays fresh in the other. Notifications come
+from the service's own connections, one a poll or a flush. One missed while the connection
+was down is covered by the reconcile after every reconnect.
+
 Every ten minutes it also moves the dashboard's day counters on (truth.close_session_days), so
 the sessions the dashboard counts from the index stay about two days' worth.
 
@@ -27,6 +36,7 @@ import asyncpg
 from .domain import Availability
 from .errors import TruthUnavailable
 from .mirror import MIRROR_ERRORS
+from .truth import CHANGES_TAKEN, HEARTBEATS_FLUSHED
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,8 @@ class ChangeListener:
         self._interval = availability.settings.change_poll_seconds
         self._pending: set[UUID] = set()
         self.resyncs = 0
+        self.heard = 0
+        self._flushed_since: int | None = None
         self.reconnects = 0
         self.load_polls = 0
         self.leading_load_poll = False
@@ -52,8 +64,22 @@ class ChangeListener:
         """Set after the first connection (the server seeds right after it), and by the
         server if it had to seed before this connected."""
 
-    def _notified(self, payload: str) -> None:
-        self._pending.add(UUID(payload))
+    def _heard(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        """Another instance took these changes; resync them here unless it did so in this
+        very mirror."""
+        mirror, _, ids = str(payload).partition("\n")
+        if mirror and mirror == self._availability.mirror.identity:
+            return
+        self._pending.update(UUID(i) for i in ids.split(",") if i)
+        self.heard += 1
+
+    def _heard_flush(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        """Another mirror's heartbeats reached Postgres from this time on."""
+        mirror, _, since = str(payload).partition("\n")
+        if mirror and mirror == self._availability.mirror.identity:
+            return
+        held = self._flushed_since
+        self._flushed_since = int(since) if held is None else min(held, int(since))
 
     async def run(self) -> None:
         """Take changes forever, on a connection of its own. After losing it, reconcile: the
@@ -64,6 +90,8 @@ class ChangeListener:
         while True:
             try:
                 async with truth.dedicated() as conn:
+                    await conn.add_listener(CHANGES_TAKEN, self._heard)
+                    await conn.add_listener(HEARTBEATS_FLUSHED, self._heard_flush)
                     self.leading_load_poll = False
                     # The loads' baseline before the reconcile (or the server's seed), so a
                     # change between the two is in one of them.
@@ -89,8 +117,14 @@ class ChangeListener:
                         ):
                             await truth.close_session_days(conn)
                             days_closed_at = time.monotonic()
-                        for mitra in await truth.take_changes(_TAKE_BATCH, conn):
-                            self._notified(str(mitra))
+                        if (since := self._flushed_since) is not None:
+                            self._flushed_since = None
+                            self._pending.update(await truth.heartbeats_since(conn, since))
+                        if taken := await truth.take_changes(_TAKE_BATCH, conn):
+                            self._pending.update(taken)
+                            await truth.announce_changes(
+                                conn, self._availability.mirror.identity, taken
+                            )
                         if not await self._resync_pending():
                             await asyncio.sleep(self._interval)
             except asyncio.CancelledError:
@@ -148,7 +182,7 @@ class ChangeListener:
         """Resync what was taken; True when a full batch came (more may be waiting)."""
         if not self._pending:
             return False
-        ids, self._pending = list(self._pending), set()
+        ids = [self._pending.pop() for _ in range(min(_TAKE_BATCH, len(self._pending)))]
         try:
             await self._availability.resync(ids)
         except TruthUnavailable:
@@ -156,4 +190,4 @@ class ChangeListener:
             self._pending.update(ids)
             raise
         self.resyncs += 1
-        return len(ids) >= _TAKE_BATCH
+        return bool(self._pending) or len(ids) >= _TAKE_BATCH

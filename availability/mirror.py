@@ -470,6 +470,15 @@ class Mirror:
         await self._reader.aclose()
 
     @property
+    def identity(self) -> str:
+        """Which mirror this is, to tell instances on another Valkey apart (a move to a new
+        Valkey, blue/green): the Valkey process's run_id and the key prefix; '' until the
+        first trust check."""
+        if self.trust is None:
+            return ""
+        return f"{self.trust.identity.split(' ', 1)[0]} {self.keys.prefix}"
+
+    @property
     def guest(self) -> bool:
         """Another version's newer layout owns the mirror: this instance must not use it."""
         return self.trust is not None and self.trust.verdict is Trust.GUEST

@@ -243,6 +243,7 @@ class Sweeps:
             return 0
         await availability.truth.flush_heartbeats(taken)
         await availability.mirror.release_flushed(epoch)
+        await availability.truth.announce_flush(availability.mirror.identity, min(taken.values()))
         return len(taken)
 
     async def reconcile(self, epoch: int) -> int:

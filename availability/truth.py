@@ -248,6 +248,22 @@ _LEAD_LOAD_POLL = "SELECT pg_try_advisory_lock(hashtext('availability: load poll
 # noting (locked until it commits) waits for the next poll instead of being read too early.
 # By ctid (a TID scan) whatever the statistics say: a plan that seq-scanned the table once per
 # taken row held the rows' locks for seconds and stalled the writers behind them.
+CHANGES_TAKEN = "availability_changes_taken"
+"""The channel on which an instance says which changes it took, and on which mirror it
+resynced them (listener.py); only the service's own connections notify on it."""
+
+HEARTBEATS_FLUSHED = "availability_heartbeats_flushed"
+"""The channel on which the instance that flushed heartbeats to Postgres says from which
+mirror, and from which time on: instances on another mirror take those times in (listener.py)."""
+
+_HEARTBEATS_SINCE = """
+SELECT mitra_id FROM mitra_online_status
+WHERE is_online AND last_heartbeat_at >= 'epoch'::timestamptz + $1 * interval '1 millisecond'
+"""
+
+_ANNOUNCED_IDS = 180
+"""Ids a notification: a payload stays under Postgres's 8,000 bytes with any mirror name."""
+
 _TAKE_CHANGES = """
 DELETE FROM availability_changes
 WHERE ctid = ANY(ARRAY(SELECT ctid FROM availability_changes LIMIT $1 FOR UPDATE SKIP LOCKED))
@@ -731,6 +747,31 @@ class Truth:
             return [r[0] for r in await conn.fetch(_TAKE_CHANGES, limit)]
         async with self._connection() as pooled:
             return [r[0] for r in await pooled.fetch(_TAKE_CHANGES, limit)]
+
+    async def announce_flush(self, mirror: str, since_ms: int) -> None:
+        """After a heartbeat flush: its earliest time, for the instances on other mirrors."""
+        async with self._connection() as conn:
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", HEARTBEATS_FLUSHED, f"{mirror}\n{since_ms}"
+            )
+
+    async def heartbeats_since(self, conn: _Connectionish, since_ms: int) -> list[UUID]:
+        """Online mitras whose heartbeat Postgres holds from since_ms (Valkey ms) on."""
+        return [r[0] for r in await conn.fetch(_HEARTBEATS_SINCE, since_ms)]
+
+    async def announce_changes(
+        self, conn: _Connectionish, mirror: str, mitra_ids: Sequence[UUID]
+    ) -> None:
+        """Tell every instance which changes this one took (CHANGES_TAKEN), so those on
+        another mirror resync them too. From the service's own connection: the chat backend's
+        transactions never notify."""
+        ids = [str(i) for i in mitra_ids]
+        for at in range(0, len(ids), _ANNOUNCED_IDS):
+            await conn.execute(
+                "SELECT pg_notify($1, $2)",
+                CHANGES_TAKEN,
+                f"{mirror}\n{','.join(ids[at : at + _ANNOUNCED_IDS])}",
+            )
 
     @asynccontextmanager
     async def dedicated(self) -> AsyncIterator[_Connectionish]:
