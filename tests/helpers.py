@@ -141,6 +141,27 @@ async def notified(valkey: redis.Redis, keys: Keys, *mitras: UUID) -> None:
     await eventually(known)
 
 
+async def make_stale(
+    valkey: redis.Redis, db: asyncpg.Connection, keys: Keys, *mitras: UUID
+) -> None:
+    """Age their heartbeats in both stores, as an app that went quiet leaves them; again if
+    the listener's resync of a just-made write (which carries Postgres's newer heartbeat
+    time) lands after and freshens them."""
+    await db.execute(
+        "UPDATE mitra_online_status SET last_heartbeat_at = now() - interval '1 hour'"
+        " WHERE mitra_id = ANY($1::uuid[])",
+        list(mitras),
+    )
+    await notified(valkey, keys, *mitras)
+
+    async def stays_stale() -> bool:
+        await valkey.zadd(keys.heartbeats, {str(m): 1_000 for m in mitras})
+        await asyncio.sleep(0.1)
+        return all([await valkey.zscore(keys.heartbeats, str(m)) == 1_000 for m in mitras])
+
+    await eventually(stays_stale)
+
+
 async def code_of(call: object) -> grpc.StatusCode:
     """The status a call ends with (OK when it answers)."""
     try:

@@ -17,7 +17,7 @@ from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, eventually, notified
+from .helpers import Fleet, eventually, make_stale, notified
 
 pytestmark = pytest.mark.single_and_cluster
 
@@ -330,15 +330,15 @@ async def test_find_available_orders_least_loaded_first_and_excludes(
 
 
 async def test_find_available_skips_stale_mitras(
-    stub: Stub, fleet: Fleet, valkey: redis.Redis, settings: Settings
+    stub: Stub, fleet: Fleet, valkey: redis.Redis, settings: Settings, db: asyncpg.Connection
 ) -> None:
     fresh = await fleet.mitra("Fresh")
     stale = await fleet.mitra("Stale")
-    await notified(valkey, Keys.for_prefix(settings.valkey_key_prefix), fresh, stale)
+    keys = Keys.for_prefix(settings.valkey_key_prefix)
+    await notified(valkey, keys, fresh, stale)
     for mitra in (fresh, stale):
         await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
-    tag = "{" + settings.valkey_key_prefix + "}"
-    await valkey.zadd(f"{tag}:heartbeats", {str(stale): 1_000})
+    await make_stale(valkey, db, keys, stale)
 
     reply = await stub.FindAvailableMitras(pb.FindAvailableMitrasRequest())
 

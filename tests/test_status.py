@@ -25,8 +25,8 @@ from availability.sweeps import AUTO_OFFLINE, RECONCILE, SWEEPS
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, code_of, eventually, notified, server_env
-from .test_sweeps import make_stale, sweeps_of, tick
+from .helpers import Fleet, code_of, eventually, make_stale, notified, server_env
+from .test_sweeps import sweeps_of, tick
 
 Stub = pb_grpc.AvailabilityServiceStub
 

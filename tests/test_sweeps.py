@@ -20,7 +20,7 @@ from availability.sweeps import AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE, Sweeps
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, eventually, notified
+from .helpers import Fleet, eventually, make_stale
 
 pytestmark = pytest.mark.single_and_cluster
 
@@ -40,27 +40,6 @@ async def tick(server: Server, name: str) -> bool:
         RECONCILE: sweeps.reconcile,
     }[name]
     return await sweeps.run_once(name, 30.0, sweep)
-
-
-async def make_stale(
-    valkey: redis.Redis, db: asyncpg.Connection, keys: Keys, *mitras: uuid.UUID
-) -> None:
-    """Age their heartbeats in both stores, as an app that went quiet leaves them; again if
-    the listener's resync of a just-made write (which carries Postgres's newer heartbeat
-    time) lands after and freshens them."""
-    await db.execute(
-        "UPDATE mitra_online_status SET last_heartbeat_at = now() - interval '1 hour'"
-        " WHERE mitra_id = ANY($1::uuid[])",
-        list(mitras),
-    )
-    await notified(valkey, keys, *mitras)
-
-    async def stays_stale() -> bool:
-        await valkey.zadd(keys.heartbeats, {str(m): 1_000 for m in mitras})
-        await asyncio.sleep(0.1)
-        return all([await valkey.zscore(keys.heartbeats, str(m)) == 1_000 for m in mitras])
-
-    await eventually(stays_stale)
 
 
 async def online_in_truth(db: asyncpg.Connection) -> set[uuid.UUID]:
