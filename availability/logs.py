@@ -11,12 +11,11 @@ import re
 import sys
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import grpc
 
 from .settings import Settings
-
-if TYPE_CHECKING:
-    from .interceptors import Context
 
 ANONYMOUS = "anonymous"
 TOKEN_HOLDER = "token"
@@ -66,7 +65,9 @@ current: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
 )
 
 
-def answer_with_request_id(context: Context, extra: tuple[tuple[str, str], ...] = ()) -> None:
+def answer_with_request_id(
+    context: grpc.aio.ServicerContext[Any, Any], extra: tuple[tuple[str, str], ...] = ()
+) -> None:
     """Tell the caller which request id our log lines carry (before an abort), with any other
     trailing metadata of the answer."""
     request = current.get()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -18,7 +18,19 @@ from .mirror import Trust
 from .version import VERSION, commit
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .domain import Availability
+    from .sweeps import Sweeps
+
+
+class Measured(Protocol):
+    """What the metrics read at scrape time: the server's domain and sweeps, once started."""
+
+    @property
+    def availability(self) -> Availability | None: ...
+
+    @property
+    def sweeps(self) -> Sweeps | None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +40,7 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class Metrics:
     """One registry a process (several servers in one test process do not collide)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Measured) -> None:
         self.registry = CollectorRegistry()
         self.handled = Counter(
             "grpc_server_handled",
@@ -84,7 +96,7 @@ class _Domain(Collector):
     """The service's own counters, read when Prometheus scrapes (from its thread: each read
     is one copy of a dict or a number, safe under the GIL)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Measured) -> None:
         self._server = server
 
     def collect(self) -> Iterator[Metric]:

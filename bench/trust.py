@@ -34,7 +34,7 @@ from availability.server import Server, running
 from availability.settings import Settings
 from availability.truth import Truth
 
-from .common import Row, progress
+from .common import Row, online_fleet, progress, stores
 
 HERE = Path(__file__).parent
 
@@ -180,7 +180,6 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 120.0) -
 
 @contextlib.asynccontextmanager
 async def _fleet(admin_dsn: str, mitras: int) -> AsyncIterator[tuple[str, uuid.UUID]]:
-    from .run import online_fleet
 
     database = f"availability_bench_trust_{uuid.uuid4().hex[:6]}"
     admin = await asyncpg.connect(admin_dsn)
@@ -454,7 +453,6 @@ def write_trust(rows: list[Row], mitras: int) -> None:
 
 
 async def main(mitras: int) -> None:
-    from .run import stores
 
     async with stores() as base:
         rows = await bench_trust(base.admin_dsn, mitras)
