@@ -18,7 +18,7 @@ PROTOS := $(wildcard protos/availability/v1/*.proto)
 NODE_CLIENT := clients/node
 NODE_STAMP := $(NODE_CLIENT)/node_modules/.installed
 
-.PHONY: run reset test test-node lint protos check-protos check-wire install lock upgrade image image-base clean bench bench-quick chaos chaos-cluster
+.PHONY: run reset test check test-node lint protos check-protos check-wire install lock upgrade image image-base clean bench bench-quick chaos chaos-cluster
 
 $(UV): requirements/uv.txt
 	$(PYTHON) -m venv $(TOOLS)
@@ -78,8 +78,17 @@ check-wire: $(STAMP)
 	$(BIN)/buf breaking --against '.git#ref=$(PREVIOUS_RELEASE)'
 	@echo "protos/ keep the wire contract of $(PREVIOUS_RELEASE)"
 
+# The whole suite, in parallel: each worker has its own database, key prefixes and ports;
+# the Valkey Cluster cases share one worker (and one local cluster). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 4
+PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 test: lint check-protos check-wire test-node
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) --durations=15
+
+# The inner loop (under 90 s): lint, types, the proto and wire checks, and every test that
+# needs no Postgres, Valkey or server. Run it while you work; make test before you push.
+check: lint check-protos check-wire
+	$(BIN)/python -m pytest --no-servers -q -n 2
 
 $(NODE_STAMP): $(NODE_CLIENT)/package-lock.json
 	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund

@@ -10,12 +10,13 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 import re
+import stat
 import time
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .v1 import availability_pb2 as pb
@@ -157,12 +158,28 @@ def parse(text: bytes, where: str = "AUTH_CALLERS_FILE") -> Roster:
     return Roster(callers, text)
 
 
-def load(path: str) -> Roster:
+def read(path: str) -> bytes:
+    """The file's content. Refused when group or others may write it, as OpenSSH refuses
+    such an authorized_keys and libpq a .pgpass others may read: whoever can write it can
+    make themselves any caller (a Kubernetes Secret volume, 0644 by default, passes)."""
     try:
-        text = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if mode & 0o022:
+                who = " and ".join(
+                    w for w, bit in (("group", 0o020), ("others", 0o002)) if mode & bit
+                )
+                raise CallersError(
+                    f"AUTH_CALLERS_FILE {path} is writable by {who} "
+                    f"(mode {stat.S_IMODE(mode):04o}); chmod go-w it"
+                )
+            return file.read()
     except OSError as exc:
         raise CallersError(f"AUTH_CALLERS_FILE: cannot read {path} ({exc.strerror})") from None
-    return parse(text, f"AUTH_CALLERS_FILE {path}")
+
+
+def load(path: str) -> Roster:
+    return parse(read(path), f"AUTH_CALLERS_FILE {path}")
 
 
 def _caller(where: str, name: str, spec: Any) -> Caller:
@@ -310,15 +327,10 @@ class Callers:
         parsed again, and the error of a bad file is logged once per content (or on each
         forced reload, SIGHUP), not every poll."""
         try:
-            text = Path(self.path).read_bytes()
-        except OSError as exc:
+            text = read(self.path)
+        except CallersError as exc:
             if forced or self._failed_source != b"":
-                log.error(
-                    "AUTH_CALLERS_FILE %s cannot be read (%s); keeping the %d callers loaded",
-                    self.path,
-                    exc.strerror,
-                    len(self.roster.callers),
-                )
+                log.error("%s; keeping the %d callers loaded", exc, len(self.roster.callers))
                 self.failed_reloads += 1
             self._failed_source = b""
             return False

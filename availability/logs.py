@@ -134,11 +134,46 @@ class TextFormatter(logging.Formatter):
         return f"{head}  {tail}{newline}{rest}"
 
 
+_CREDENTIALS = (
+    # `authorization: ...`, `'authorization', b'...'`, `authorization=...`: the value goes.
+    re.compile(r"(?i)(authorization['\"]?\s*[:=,]?\s*(?:b?['\"])?(?:bearer\s+)?)[^\s'\",)\]}]+"),
+    re.compile(r"(?i)(bearer\s+)\S+"),
+    re.compile(r"(?i)((?:token|password|secret)\w*['\"]?\s*[:=]\s*['\"]?)[^\s'\",)\]}]+"),
+    re.compile(r"(?i)(://[^:/@\s]+:)[^@/\s]+(?=@)"),  # a URL's password
+)
+REDACTED = "[redacted]"
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Every credential-shaped part of a log line, and every configured token, replaced."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    for pattern in _CREDENTIALS:
+        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    return text
+
+
+class _Redacting(logging.Formatter):
+    """Wraps the formatter of the one handler every logger reaches (ours, grpcio's, asyncio's):
+    nothing that looks like a credential leaves the process, whoever logged it (grpcio logs a
+    refused call's raw metadata, token included, with its traceback)."""
+
+    def __init__(self, inner: logging.Formatter, secrets: tuple[str, ...]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._secrets = tuple(sorted(secrets, key=len, reverse=True))
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self._inner.format(record), self._secrets)
+
+
 def configure_logging(settings: Settings) -> None:
     """LOG_FORMAT auto: JSON unless stderr is a terminal."""
     json_lines = settings.log_format == "json" or (
         settings.log_format == "auto" and not sys.stderr.isatty()
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    handler.setFormatter(
+        _Redacting(JsonFormatter() if json_lines else TextFormatter(), settings.auth_tokens)
+    )
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)

@@ -33,4 +33,5 @@ def write_callers(path: Path, callers: Mapping[str, Mapping[str, object]] | str)
     text = callers if isinstance(callers, str) else callers_toml(callers)
     fresh = path.with_name(f".{path.name}.new")
     fresh.write_text(text)
+    fresh.chmod(0o600)  # whatever the umask: a file others may write is refused
     os.replace(fresh, path)

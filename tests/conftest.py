@@ -57,14 +57,49 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 _OWN_STORES = {"own_valkey", "own_postgres", "own_cluster"}
 
 
+_SERVERS = {
+    "postgres_admin_dsn",
+    "database_url",
+    "shared_valkey_url",
+    "shared_cluster",
+    *_OWN_STORES,
+}
+"""Fixtures that start or reach a store: `make check` (--no-servers) leaves their tests out."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-servers",
+        action="store_true",
+        help="only the tests that need no Postgres, Valkey or server (make check)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--no-servers"):
+        return
+    kept, left = [], []
+    for item in items:
+        needs = _SERVERS & set(getattr(item, "fixturenames", ()))
+        (left if needs or item.get_closest_marker("slow") else kept).append(item)
+    config.hook.pytest_deselected(items=left)
+    items[:] = kept
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """`single_and_cluster` tests run on both kinds of Valkey, unless they bring their own."""
+    """`single_and_cluster` tests run on both kinds of Valkey, unless they bring their own.
+    Under pytest-xdist every cluster case goes to one worker (`--dist loadgroup`), so one
+    local Valkey Cluster serves them all instead of one a worker."""
     if (
         metafunc.definition.get_closest_marker("single_and_cluster")
         and "valkey_mode" in metafunc.fixturenames
         and not _OWN_STORES & set(metafunc.fixturenames)
     ):
-        metafunc.parametrize("valkey_mode", ["single", "cluster"], indirect=True)
+        metafunc.parametrize(
+            "valkey_mode",
+            ["single", pytest.param("cluster", marks=pytest.mark.xdist_group("cluster"))],
+            indirect=True,
+        )
 
 
 @pytest.fixture

@@ -602,3 +602,51 @@ async def test_status_asks_with_a_callers_token_from_a_file(
     assert with_token["ok"] is True, with_token["problems"]
     assert with_token["server"]["online"] == 1
     assert "UNAUTHENTICATED" in without["server"]["error"]
+
+
+def test_a_callers_file_others_may_write_is_refused_at_start_up(callers_path: Path) -> None:
+    """As OpenSSH refuses an authorized_keys that others may write: whoever can write the file
+    can name themselves any caller."""
+    write_callers(callers_path, {"pairing": {"tokens": [token("pairing")], "scopes": ["read"]}})
+    callers_path.chmod(0o664)
+    with pytest.raises(SettingsError, match=r"writable by group \(mode 0664\); chmod go-w"):
+        Settings.from_env(_base_env(callers_path))
+    callers_path.chmod(0o646)
+    refused = subprocess.run(
+        [sys.executable, "-m", "availability", "serve"],
+        env=_base_env(callers_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "writable by others (mode 0646)" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+async def test_a_callers_file_others_may_write_is_refused_on_reload(
+    settings: Settings, db: asyncpg.Connection, callers_path: Path
+) -> None:
+    secret, intruder = token("pairing"), token("intruder")
+    write_callers(callers_path, {"pairing": {"tokens": [secret], "scopes": ["read"]}})
+    async with (
+        running(guarded_settings(settings, callers_path)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        assert server.callers is not None
+        _replace_writable_by_all(
+            callers_path, callers_toml({"intruder": {"tokens": [intruder], "scopes": ["*"]}})
+        )
+        assert server.reload_callers() is False
+        assert server.callers.failed_reloads == 1
+        kept = await call(channel, "CountAvailableMitras", bearer(secret))
+        stranger = await call(channel, "CountAvailableMitras", bearer(intruder))
+    assert kept[0] == grpc.StatusCode.OK, "the last good roster stays in force"
+    assert stranger[0] == UNAUTHENTICATED
+
+
+def _replace_writable_by_all(path: Path, text: str) -> None:
+    """Someone else's edit: a new file that anyone may write, renamed over the old one."""
+    fresh = path.with_name(f".{path.name}.other")
+    fresh.write_text(text)
+    fresh.chmod(0o666)
+    os.replace(fresh, path)
