@@ -301,7 +301,7 @@ def test_a_port_taken_after_it_was_picked_is_picked_again(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         ports = iter([taken.getsockname()[1], free_port()])
-        monkeypatch.setattr("availability.local_stores.free_port", lambda: next(ports))
+        monkeypatch.setattr("availability.local_stores.process.free_port", lambda: next(ports))
 
         local = start_valkey(tmp_path / "valkey")
         try:
