@@ -1,4 +1,5 @@
-"""The server's lifecycle: start-up order, background tasks, graceful shutdown, workers."""
+"""The server's lifecycle: start-up order, background tasks, graceful shutdown. Waiting for
+Postgres (startup.py) and `--workers` (workers.py) are offered here too, where callers look."""
 
 from __future__ import annotations
 
@@ -6,21 +7,17 @@ import asyncio
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import signal
 import socket
-import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from dataclasses import asdict, replace
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -28,7 +25,6 @@ from redis.asyncio.connection import Connection
 
 from .callers import Callers
 from .domain import Availability
-from .errors import TruthUnavailable
 from .interceptors import ErrorMapping, Guard, Observed
 from .listener import ChangeListener
 from .logs import ANONYMOUS, UNIDENTIFIED
@@ -37,6 +33,10 @@ from .mirror import MIRROR_ERRORS, Mirror, MirrorUntrusted, connect_valkey
 from .services.availability import AvailabilityService
 from .services.dashboard import DashboardService
 from .settings import Settings
+from .startup import StartupDeadline as StartupDeadline
+from .startup import StartupFailed as StartupFailed
+from .startup import _named
+from .startup import run as run
 from .sweeps import RECONCILE, Sweeps
 from .tasks import cancel_and_wait
 from .tracing import server_tracer
@@ -46,6 +46,7 @@ from .v1 import availability_pb2_grpc as pb_grpc
 from .v1 import dashboard_pb2 as dashboard_pb
 from .v1 import dashboard_pb2_grpc as dashboard_pb_grpc
 from .version import VERSION, commit, describe
+from .workers import serve_workers as fan_out
 
 log = logging.getLogger(__name__)
 
@@ -61,64 +62,6 @@ RECENT_SECONDS = 10.0
 _FORGET_SECONDS = 60.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-_RETRY_FIRST_SECONDS = 0.5
-_RETRY_MAX_SECONDS = 5.0
-_POSTGRES_NOT_YET: tuple[type[Exception], ...] = (
-    TruthUnavailable,
-    # A role or database that a job started with us creates is as late as Postgres itself.
-    asyncpg.InvalidAuthorizationSpecificationError,
-    asyncpg.InvalidCatalogNameError,
-)
-T = TypeVar("T")
-
-
-class StartupFailed(Exception):
-    """Postgres stayed unreachable past STARTUP_TIMEOUT_SECONDS; the message is the one line
-    the process ends with."""
-
-
-class StartupDeadline:
-    """STARTUP_TIMEOUT_SECONDS from now. Until then a start-up step that fails for want of
-    Postgres is tried again, backing off from 0.5 s doubling to 5 s, one log line a try."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._at = time.monotonic() + seconds
-
-    async def retry(self, step: Callable[[], Awaitable[T]]) -> T:
-        delay = _RETRY_FIRST_SECONDS
-        attempt = 1
-        while True:
-            try:
-                result = await step()
-            except _POSTGRES_NOT_YET as exc:
-                error = _named(exc.__cause__ or exc)
-                left = self._at - time.monotonic()
-                if left <= 0:
-                    raise StartupFailed(
-                        f"Postgres unreachable for {self.seconds:g} s at start-up "
-                        f"(last error: {error}); giving up"
-                    ) from None
-                wait = min(delay, left)
-                log.warning(
-                    "Postgres unreachable at start-up, attempt %d (%s); retrying in %.1f s, "
-                    "%.1f s left before STARTUP_TIMEOUT_SECONDS",
-                    attempt,
-                    error,
-                    wait,
-                    left,
-                )
-                await asyncio.sleep(wait)
-                delay = min(delay * 2, _RETRY_MAX_SECONDS)
-                attempt += 1
-                continue
-            if attempt > 1:
-                log.info("Postgres answered at attempt %d", attempt)
-            return result
-
-
-def _named(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
 class _Services(grpc.GenericRpcHandler):  # type: ignore[type-arg]
@@ -464,74 +407,6 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     log.info("stopped")
 
 
-def run(main: Coroutine[Any, Any, None]) -> int:
-    """asyncio.run(main) as a command's exit code: 1 with one line, not a traceback, when
-    start-up gave up (or 130 on Ctrl-C while it waited)."""
-    try:
-        asyncio.run(main)
-    except StartupFailed as exc:
-        print(f"availability: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-def _worker(settings: Settings) -> None:
-    from .logs import configure_logging
-
-    # Until serve() takes it, a SIGHUP forwarded by the parent must not end the worker.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-    configure_logging(settings)
-    raise SystemExit(run(serve(settings, reuse_port=True)))
-
-
-def _worker_settings(settings: Settings, index: int) -> Settings:
-    """Workers share the gRPC port; each serves its own metrics, worker k on port + k."""
-    host, _, port = settings.metrics_address.rpartition(":")
-    if not settings.metrics_address or port == "0":
-        return settings
-    return replace(settings, metrics_address=f"{host}:{int(port) + index}")
-
-
 def serve_workers(settings: Settings, workers: int) -> int:
-    """N processes sharing the port through SO_REUSEPORT (grpc examples/python/multiprocessing).
-
-    The parent only forwards SIGTERM/SIGINT (and SIGHUP: each worker reloads
-    AUTH_CALLERS_FILE) and waits; a worker that dies stops the rest.
-    """
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(
-            target=_worker, args=(_worker_settings(settings, i),), name=f"availability-worker-{i}"
-        )
-        for i in range(workers)
-    ]
-    for process in processes:
-        process.start()
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for process in processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
-
-    def reload(signum: int, frame: FrameType | None) -> None:
-        for process in processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGHUP)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, reload)
-    exit_code = 0
-    while processes:
-        for process in list(processes):
-            process.join(timeout=0.2)
-            if process.exitcode is None:
-                continue
-            processes.remove(process)
-            if process.exitcode != 0:
-                exit_code = exit_code or 1
-                forward(signal.SIGTERM, None)
-    return exit_code
+    """`workers` processes, each running serve() on the shared port (workers.py)."""
+    return fan_out(settings, workers, serve)
