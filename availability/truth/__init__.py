@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -11,9 +9,9 @@ from uuid import UUID
 
 import asyncpg
 
-from . import schema
-from .errors import AuditUnwritten, MitraDeactivated, MitraNotFound, TruthUnavailable
-from .model import (
+from .. import schema
+from ..errors import AuditUnwritten, MitraDeactivated, MitraNotFound, TruthUnavailable
+from ..model import (
     Audit,
     AuditRecord,
     AvailabilityCount,
@@ -24,9 +22,7 @@ from .model import (
     SessionCounts,
     Source,
 )
-from .settings import Settings
-
-log = logging.getLogger(__name__)
+from .connection import _UNREACHABLE, TruthBase, _Connectionish, log
 
 _MIGRATION_LOCK = 0x6D69747261  # "mitra": one advisory lock id for every instance
 
@@ -398,19 +394,6 @@ _LAST_NAMES = [
     "Siregar",
 ]
 
-_Connectionish = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
-
-# Errors that mean "the database is not there", as opposed to "the statement is wrong".
-_UNREACHABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, recovering
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, out of memory
-    asyncpg.exceptions.InternalClientError,  # a connection left in a broken state
-)
-
 
 def _state(row: asyncpg.Record) -> MitraState:
     return MitraState(
@@ -426,42 +409,8 @@ def _state(row: asyncpg.Record) -> MitraState:
     )
 
 
-class Truth:
+class Truth(TruthBase):
     """The Postgres store: contract tables, migrations, and the queries over them."""
-
-    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
-        self._pool = pool
-        self._settings = settings
-
-    @classmethod
-    async def connect(cls, settings: Settings) -> Truth:
-        try:
-            pool = await asyncpg.create_pool(
-                settings.database_url,
-                min_size=1,
-                max_size=settings.database_pool_size,
-                command_timeout=settings.database_timeout_seconds,
-                timeout=settings.database_timeout_seconds,
-            )
-        except _UNREACHABLE as exc:
-            raise TruthUnavailable(exc) from exc
-        return cls(pool, settings)
-
-    async def close(self) -> None:
-        """Close gracefully, but never hang a shutdown on a connection stuck in a query."""
-        try:
-            await asyncio.wait_for(self._pool.close(), self._settings.database_timeout_seconds)
-        except TimeoutError:
-            log.warning("Postgres pool did not close in time; terminating its connections")
-            self._pool.terminate()
-
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[_Connectionish]:
-        try:
-            async with self._pool.acquire(timeout=self._settings.database_timeout_seconds) as conn:
-                yield conn
-        except _UNREACHABLE as exc:
-            raise TruthUnavailable(exc) from exc
 
     async def migrate(self, *, contract: bool = False) -> list[str]:
         """Apply the pending steps (schema.py: expand, and contract when due); returns the

@@ -1,0 +1,73 @@
+"""The pool every query borrows from, and the base class the Truth's parts share: each part
+is a mixin over TruthBase, so it reaches Postgres only through `_connection` and answers a
+lost database with TruthUnavailable the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Self
+
+import asyncpg
+
+from ..errors import TruthUnavailable
+from ..settings import Settings
+
+# The package's one logger, whichever part logs: log lines keep saying availability.truth.
+log = logging.getLogger("availability.truth")
+
+_Connectionish = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+# Errors that mean "the database is not there", as opposed to "the statement is wrong".
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, recovering
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, out of memory
+    asyncpg.exceptions.InternalClientError,  # a connection left in a broken state
+)
+
+
+class TruthBase:
+    """The pool and the settings, and how a query gets a connection."""
+
+    _pool: asyncpg.Pool
+    _settings: Settings
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._settings = settings
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> Self:
+        try:
+            pool = await asyncpg.create_pool(
+                settings.database_url,
+                min_size=1,
+                max_size=settings.database_pool_size,
+                command_timeout=settings.database_timeout_seconds,
+                timeout=settings.database_timeout_seconds,
+            )
+        except _UNREACHABLE as exc:
+            raise TruthUnavailable(exc) from exc
+        return cls(pool, settings)
+
+    async def close(self) -> None:
+        """Close gracefully, but never hang a shutdown on a connection stuck in a query."""
+        try:
+            await asyncio.wait_for(self._pool.close(), self._settings.database_timeout_seconds)
+        except TimeoutError:
+            log.warning("Postgres pool did not close in time; terminating its connections")
+            self._pool.terminate()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[_Connectionish]:
+        try:
+            async with self._pool.acquire(timeout=self._settings.database_timeout_seconds) as conn:
+                yield conn
+        except _UNREACHABLE as exc:
+            raise TruthUnavailable(exc) from exc
