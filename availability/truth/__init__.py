@@ -10,10 +10,9 @@ from uuid import UUID
 import asyncpg
 
 from .. import schema
-from ..errors import AuditUnwritten, MitraDeactivated, MitraNotFound, TruthUnavailable
+from ..errors import MitraDeactivated, MitraNotFound, TruthUnavailable
 from ..model import (
     Audit,
-    AuditRecord,
     AvailabilityCount,
     AvailableMitra,
     Beat,
@@ -22,7 +21,8 @@ from ..model import (
     SessionCounts,
     Source,
 )
-from .connection import _UNREACHABLE, TruthBase, _Connectionish, log
+from .audit import _AUDIT_BEFORE, Auditing
+from .connection import _UNREACHABLE, _Connectionish
 
 _MIGRATION_LOCK = 0x6D69747261  # "mitra": one advisory lock id for every instance
 
@@ -99,32 +99,6 @@ hb AS (
 )
 SELECT m.id, m.is_active, hb.mitra_id IS NOT NULL AS online
 FROM m LEFT JOIN hb ON hb.mitra_id = m.id
-"""
-
-# An audited change reads the state before under the mitras row lock every write of it takes
-# first (SetOnline, SetMitraActive), so no other write slips between "before" and the change.
-_AUDIT_BEFORE = """
-SELECT m.is_active, coalesce(s.is_online, false) AS is_online
-FROM mitras m LEFT JOIN mitra_online_status s ON s.mitra_id = m.id
-WHERE m.id = $1
-FOR UPDATE OF m
-"""
-
-_AUDIT = """
-INSERT INTO availability_audit (caller, request_id, action, mitra_id, active_before,
-    active_after, online_before, online_after, revoked_auth_sessions)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-"""
-
-_AUDIT_RECORDS = """
-SELECT * FROM (
-    SELECT id, at, caller, request_id, action, mitra_id, active_before, active_after,
-        online_before, online_after, revoked_auth_sessions
-    FROM availability_audit
-    WHERE ($1::uuid IS NULL OR mitra_id = $1) AND ($2::timestamptz IS NULL OR at >= $2)
-    ORDER BY at DESC, id DESC
-    LIMIT $3
-) newest ORDER BY at, id
 """
 
 _AVAILABLE_FROM = f"""
@@ -409,7 +383,7 @@ def _state(row: asyncpg.Record) -> MitraState:
     )
 
 
-class Truth(TruthBase):
+class Truth(Auditing):
     """The Postgres store: contract tables, migrations, and the queries over them."""
 
     async def migrate(self, *, contract: bool = False) -> list[str]:
@@ -529,28 +503,6 @@ class Truth(TruthBase):
             return revoked
 
         return await self._write(mitra_id, change, audit)
-
-    async def audit_records(
-        self, mitra_id: UUID | None, since: datetime | None, limit: int
-    ) -> list[AuditRecord]:
-        """The newest `limit` audited changes (of one mitra, since a time), oldest first."""
-        async with self._connection() as conn:
-            rows = await conn.fetch(_AUDIT_RECORDS, mitra_id, since, limit)
-        return [
-            AuditRecord(
-                at=r["at"],
-                caller=r["caller"],
-                request_id=r["request_id"],
-                action=r["action"],
-                mitra_id=r["mitra_id"],
-                active_before=r["active_before"],
-                active_after=r["active_after"],
-                online_before=r["online_before"],
-                online_after=r["online_after"],
-                revoked_auth_sessions=r["revoked_auth_sessions"],
-            )
-            for r in rows
-        ]
 
     async def take_offline(self, mitra_ids: Sequence[UUID], fence: str, epoch: int) -> list[UUID]:
         """The auto-offline sweep's write, refused when a newer lease epoch has written. A
@@ -755,41 +707,6 @@ class Truth(TruthBase):
         if not rows:
             raise MitraNotFound(mitra_id)
         return _state(rows[0]), now, revoked
-
-    @staticmethod
-    async def _audit(
-        conn: _Connectionish,
-        audit: Audit,
-        mitra_id: UUID,
-        before: asyncpg.Record,
-        after: MitraState,
-        revoked: int,
-    ) -> None:
-        try:
-            await conn.execute(
-                _AUDIT,
-                audit.caller,
-                audit.request_id,
-                audit.action,
-                mitra_id,
-                before["is_active"],
-                after.active,
-                before["is_online"],
-                after.online,
-                revoked,
-            )
-        except _UNREACHABLE:
-            raise
-        except asyncpg.PostgresError as exc:
-            log.error(
-                "%s of mitra %s by %s refused: its audit row could not be written (%s: %s)",
-                audit.action,
-                mitra_id,
-                audit.caller,
-                type(exc).__name__,
-                exc,
-            )
-            raise AuditUnwritten(exc) from exc
 
 
 def _row_count(status: str) -> int:
