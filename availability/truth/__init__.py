@@ -16,13 +16,13 @@ from ..model import (
     AvailabilityCount,
     AvailableMitra,
     Beat,
-    MitraLoad,
     MitraState,
-    SessionCounts,
     Source,
 )
 from .audit import _AUDIT_BEFORE, Auditing
 from .connection import _UNREACHABLE, _Connectionish
+from .dashboard import _SESSION_COUNTS as _SESSION_COUNTS
+from .dashboard import Dashboard
 
 _MIGRATION_LOCK = 0x6D69747261  # "mitra": one advisory lock id for every instance
 
@@ -130,75 +130,6 @@ SELECT count(*) FILTER (WHERE {_IS_AVAILABLE})::int AS available,
 
 _NOW = "SELECT now()"
 
-# One round trip. Active and pending are index-only scans of small partial indexes. The
-# sensitive and 30-day counts add up availability_session_days (and the changes appended since the
-# last fold) for the days before counted_before, which is about two days back, and count the
-# sessions since from the created_at indexes; the boundary day itself is counted from the
-# index too (the boundary is a time, not a day). No trigger counts an ordinary insert
-# (issue 16; migration 0008).
-_SESSION_COUNTS = """
-WITH bound AS (
-    SELECT now() - interval '30 days' AS since,
-           ((now() - interval '30 days') AT TIME ZONE 'UTC')::date AS first_day,
-           s.counted_before AS line,
-           s.counted_before::timestamp AT TIME ZONE 'UTC' AS line_at
-    FROM chat_session_days_state s
-),
-days AS (
-    SELECT day, sensitive, sessions FROM availability_session_days
-    UNION ALL
-    SELECT day, sensitive, sessions FROM chat_session_day_changes
-),
-boundary_day AS (
-    SELECT count(*) AS sessions,
-           count(*) FILTER (WHERE c.topic_sensitivity = 'sensitive') AS sensitive
-    FROM chat_sessions c, bound
-    WHERE c.created_at >= bound.since
-      AND c.created_at < least((bound.first_day + 1)::timestamp AT TIME ZONE 'UTC', bound.line_at)
-),
-later_days AS (
-    SELECT coalesce(sum(d.sessions), 0) AS sessions,
-           coalesce(sum(d.sessions) FILTER (WHERE d.sensitive), 0) AS sensitive
-    FROM days d, bound
-    WHERE d.day > bound.first_day
-),
-recent AS (
-    SELECT count(*) AS sessions,
-           count(*) FILTER (WHERE c.topic_sensitivity = 'sensitive') AS sensitive
-    FROM chat_sessions c, bound
-    WHERE c.created_at >= greatest(bound.line_at, bound.since)
-)
-SELECT
-    (SELECT count(*) FROM chat_sessions
-     WHERE status IN ('active', 'pending_payment')) AS active_chats,
-    (SELECT count(*) FROM chat_sessions
-     WHERE status IN ('searching', 'pending_acceptance')) AS pending_requests,
-    (SELECT coalesce(sum(sessions), 0) FROM days WHERE sensitive)
-        + (SELECT count(*) FROM chat_sessions c, bound
-           WHERE c.topic_sensitivity = 'sensitive' AND c.created_at >= bound.line_at)
-        AS sensitive_total,
-    (SELECT sessions FROM boundary_day) + (SELECT sessions FROM later_days)
-        + (SELECT sessions FROM recent) AS last_30d_total,
-    (SELECT sensitive FROM boundary_day) + (SELECT sensitive FROM later_days)
-        + (SELECT sensitive FROM recent) AS last_30d_sensitive
-"""
-
-# With CHAT_SESSION_TRIGGERS=false there are no day counters: the same numbers, counted from
-# the created_at and sensitive indexes (exact; the cost grows with 30 days of sessions).
-_SESSION_COUNTS_FROM_INDEXES = """
-SELECT
-    (SELECT count(*) FROM chat_sessions
-     WHERE status IN ('active', 'pending_payment')) AS active_chats,
-    (SELECT count(*) FROM chat_sessions
-     WHERE status IN ('searching', 'pending_acceptance')) AS pending_requests,
-    (SELECT count(*) FROM chat_sessions WHERE topic_sensitivity = 'sensitive') AS sensitive_total,
-    (SELECT count(*) FROM chat_sessions
-     WHERE created_at >= now() - interval '30 days') AS last_30d_total,
-    (SELECT count(*) FROM chat_sessions
-     WHERE created_at >= now() - interval '30 days' AND topic_sensitivity = 'sensitive')
-        AS last_30d_sensitive
-"""
-
 _CLOSE_SESSION_DAYS = "SELECT availability_close_session_days()"
 
 # Following chat_sessions without triggers (CHAT_SESSION_TRIGGERS=false, LOAD_POLL_SECONDS):
@@ -238,21 +169,6 @@ _TAKE_CHANGES = """
 DELETE FROM availability_changes
 WHERE ctid = ANY(ARRAY(SELECT ctid FROM availability_changes LIMIT $1 FOR UPDATE SKIP LOCKED))
 RETURNING mitra_id
-"""
-
-_BUSIEST = """
-SELECT m.id, coalesce(m.display_name, '') AS display_name, coalesce(l.load, 0)::int AS load,
-       count(*) OVER () AS online
-FROM mitra_online_status s
-JOIN mitras m ON m.id = s.mitra_id
-LEFT JOIN (
-    SELECT mitra_id, count(*) AS load FROM chat_sessions
-    WHERE status IN ('active', 'pending_payment') AND mitra_id IS NOT NULL
-    GROUP BY mitra_id
-) l ON l.mitra_id = m.id
-WHERE s.is_online
-ORDER BY load DESC, m.id DESC
-LIMIT $1
 """
 
 _TAKE_OFFLINE = """
@@ -383,7 +299,7 @@ def _state(row: asyncpg.Record) -> MitraState:
     )
 
 
-class Truth(Auditing):
+class Truth(Dashboard, Auditing):
     """The Postgres store: contract tables, migrations, and the queries over them."""
 
     async def migrate(self, *, contract: bool = False) -> list[str]:
@@ -559,30 +475,6 @@ class Truth(Auditing):
         assert row is not None
         return AvailabilityCount(row["available"], row["online"], row["as_of"], Source.DATABASE)
 
-    async def session_counts(self) -> tuple[SessionCounts, datetime]:
-        async with self._connection() as conn:
-            counts = (
-                _SESSION_COUNTS
-                if self._settings.chat_session_triggers
-                else _SESSION_COUNTS_FROM_INDEXES
-            )
-            row = await conn.fetchrow(counts + ", now() AS as_of")
-        assert row is not None
-        return SessionCounts(*(int(row[i]) for i in range(5))), row["as_of"]
-
-    async def busiest(self, limit: int) -> tuple[int, list[MitraLoad]]:
-        """The mirror's `busiest`, from the truth."""
-        async with self._connection() as conn:
-            rows = await conn.fetch(_BUSIEST, limit)
-            online = (
-                int(rows[0]["online"])
-                if rows
-                else int(
-                    await conn.fetchval("SELECT count(*) FROM mitra_online_status WHERE is_online")
-                )
-            )
-        return online, [MitraLoad(r["id"], r["display_name"], r["load"]) for r in rows]
-
     async def vitals(self) -> tuple[bool, int, int, str]:
         """(a read-only standby?, online mitras, mitras, last migration) for
         `availability status`: a standby here means a failover left the service behind."""
@@ -628,8 +520,8 @@ class Truth(Auditing):
                 progress(done)
 
     async def close_session_days(self, conn: _Connectionish) -> bool:
-        """Move the day counters' line on to two days ago (see _SESSION_COUNTS); False when
-        the chat backend's writes held chat_sessions too long to try now."""
+        """Move the day counters' line on to two days ago (see dashboard.py's _SESSION_COUNTS);
+        False when the chat backend's writes held chat_sessions too long to try now."""
         return bool(await conn.fetchval(_CLOSE_SESSION_DAYS))
 
     async def lead_load_poll(self, conn: _Connectionish) -> bool:
