@@ -160,6 +160,8 @@ def _state(row: asyncpg.Record) -> MitraState:
 
 
 class Contract(Auditing):
+    """On Auditing: an audited write adds its audit row inside its own transaction."""
+
     async def states(self, mitra_ids: Sequence[UUID]) -> list[MitraState]:
         async with self._connection() as conn:
             return [_state(r) for r in await conn.fetch(_STATES_BY_ID, list(mitra_ids))]
