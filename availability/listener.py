@@ -52,6 +52,7 @@ class ChangeListener:
         self._pending: set[UUID] = set()
         self.resyncs = 0
         self.heard = 0
+        self._resyncing = False
         self._flushed_since: int | None = None
         self.reconnects = 0
         self.load_polls = 0
@@ -178,16 +179,24 @@ class ChangeListener:
         )
         self.load_polls += 1
 
+    @property
+    def idle(self) -> bool:
+        """Nothing taken is waiting to be resynced, nor being resynced."""
+        return not self._pending and not self._resyncing
+
     async def _resync_pending(self) -> bool:
         """Resync what was taken; True when a full batch came (more may be waiting)."""
         if not self._pending:
             return False
         ids = [self._pending.pop() for _ in range(min(_TAKE_BATCH, len(self._pending)))]
+        self._resyncing = True
         try:
             await self._availability.resync(ids)
         except TruthUnavailable:
             # Taken from the table already: keep them for after the reconnect's reconcile.
             self._pending.update(ids)
             raise
+        finally:
+            self._resyncing = False
         self.resyncs += 1
         return bool(self._pending) or len(ids) >= _TAKE_BATCH

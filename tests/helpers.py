@@ -162,6 +162,18 @@ async def make_stale(
     await eventually(stays_stale)
 
 
+async def settled(server: Server, db: asyncpg.Connection) -> None:
+    """Wait until the change feed has nothing left for this server: every change noted is
+    taken and resynced, so no late resync undoes what a test then sets by hand."""
+
+    async def quiet() -> bool:
+        listener = server.listener
+        noted = await db.fetchval("SELECT count(*) FROM availability_changes")
+        return noted == 0 and listener is not None and listener.idle
+
+    await eventually(quiet, what="the change feed settled")
+
+
 async def code_of(call: object) -> grpc.StatusCode:
     """The status a call ends with (OK when it answers)."""
     try:

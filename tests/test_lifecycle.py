@@ -21,7 +21,7 @@ from availability.truth import Truth
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, eventually, notified
+from .helpers import Fleet, eventually, notified, settled
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -44,13 +44,20 @@ async def test_health_reports_each_service_and_shutdown(server: Server) -> None:
 
 
 async def test_freshness_boundary_in_the_cache(
-    stub: pb_grpc.AvailabilityServiceStub, fleet: Fleet, valkey: redis.Redis, settings: Settings
+    stub: pb_grpc.AvailabilityServiceStub,
+    fleet: Fleet,
+    valkey: redis.Redis,
+    settings: Settings,
+    server: Server,
+    db: asyncpg.Connection,
 ) -> None:
     keys = Keys.for_prefix(settings.valkey_key_prefix)
     inside, outside = await fleet.mitra("Inside"), await fleet.mitra("Outside")
     await notified(valkey, keys, inside, outside)
     for mitra in (inside, outside):
         await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    # The feed resyncs those writes with Postgres's (fresh) heartbeat time: let it land first.
+    await settled(server, db)
     seconds, micros = await valkey.time()
     now_ms = seconds * 1000 + micros // 1000
     stale_ms = settings.heartbeat_stale_seconds * 1000

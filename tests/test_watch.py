@@ -22,7 +22,7 @@ from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, eventually
+from .helpers import Fleet, eventually, settled
 
 pytestmark = pytest.mark.single_and_cluster
 
@@ -258,6 +258,7 @@ async def test_reconcile_publishes_the_drift_it_heals(
     change on the stream when the reconcile sweep finds it."""
     mitra = await fleet.mitra("Ayu")
     await online(stub, mitra)
+    await settled(server, db)  # the feed's resync of that SetOnline lands before the edit
     async with watching(stub) as watcher:
         await watcher.wait_for(1)
         async with db.transaction():
@@ -279,6 +280,7 @@ async def test_removed_mitra_leaves_with_reason_removed(
 ) -> None:
     mitra = await fleet.mitra("Ayu")
     await online(stub, mitra)
+    await settled(server, db)  # the feed's resync of that SetOnline lands before the edit
     async with watching(stub) as watcher:
         await watcher.wait_for(1)
         async with db.transaction():
