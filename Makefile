@@ -82,13 +82,17 @@ check-wire: $(STAMP)
 # the Valkey Cluster cases share one worker (and one local cluster). TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 4
 PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+# The suite's temporary folders live under build/, not pytest's shared /tmp/pytest-of-$USER,
+# whose mode every pytest that starts resets to 0700: a local Postgres started as the postgres
+# account (make test as root) could then no longer reach its own data directory.
+PYTEST_TEMP := --basetemp=build/pytest
 test: lint check-protos check-wire test-node
-	$(BIN)/python -m pytest $(PYTEST_PARALLEL) --durations=15
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_TEMP) --durations=15
 
 # The inner loop (under 90 s): lint, types, the proto and wire checks, and every test that
 # needs no Postgres, Valkey or server. Run it while you work; make test before you push.
 check: lint check-protos check-wire
-	$(BIN)/python -m pytest --no-servers -q -n 2
+	$(BIN)/python -m pytest --no-servers -q -n 2 $(PYTEST_TEMP)
 
 $(NODE_STAMP): $(NODE_CLIENT)/package-lock.json
 	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund

@@ -81,7 +81,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     kept, left = [], []
     for item in items:
         needs = _SERVERS & set(getattr(item, "fixturenames", ()))
-        (left if needs or item.get_closest_marker("slow") else kept).append(item)
+        marked = item.get_closest_marker("slow") or item.get_closest_marker("servers")
+        (left if needs or marked else kept).append(item)
     config.hook.pytest_deselected(items=left)
     items[:] = kept
 

@@ -35,6 +35,8 @@ from availability.local_stores import (
     start_valkey_sentinel,
 )
 
+pytestmark = pytest.mark.servers
+
 SHARED_PORTS = {5432, 6379}
 CONNECTION_LOST = (asyncpg.InterfaceError, asyncpg.PostgresError, OSError)
 
