@@ -84,7 +84,8 @@ async def instances(
                     except Exception:
                         return False
 
-                await eventually(serving, timeout=30)
+                # Three processes start at once on 2 shared cores: a wait, not a deadline.
+                await eventually(serving, timeout=90, what=f"instance {instance.address} SERVING")
         yield started
     finally:
         for instance in started:
