@@ -1,0 +1,54 @@
+"""The Valkey mirror: its key schema and scripts. Nobody else spells a key.
+
+To its callers the mirror is one object over one client, one breaker and one set of keys;
+it is built from one part a concern, each in its own module with the scripts it runs
+(lua/): keys, connection (the client and its breaker), trust (may the mirror be read, and
+seeding), mitras (what the RPCs read, and the truth's writes), heartbeats, changes (the
+stream the watch follows) and deployment (leases, sweeps, instances).
+"""
+
+from __future__ import annotations
+
+from .changes import WATCH_BLOCK_SECONDS, ChangesMixin
+from .connection import (
+    MIRROR_ERRORS,
+    Breaker,
+    MirrorDown,
+    MirrorMiss,
+    MirrorUntrusted,
+    connect_valkey,
+    untrusted,
+)
+from .deployment import Deployment, DeploymentMixin
+from .heartbeats import HeartbeatMixin, HeartbeatOutcome
+from .keys import Keys
+from .mitras import MitraMixin
+from .trust import LAYOUT_LIVE_SECONDS, Trust, TrustCheck
+
+__all__ = [
+    "LAYOUT_LIVE_SECONDS",
+    "MIRROR_ERRORS",
+    "WATCH_BLOCK_SECONDS",
+    "Breaker",
+    "Deployment",
+    "HeartbeatOutcome",
+    "Keys",
+    "Mirror",
+    "MirrorDown",
+    "MirrorMiss",
+    "MirrorUntrusted",
+    "Trust",
+    "TrustCheck",
+    "connect_valkey",
+    "untrusted",
+]
+
+
+class Mirror(MitraMixin, HeartbeatMixin, DeploymentMixin, ChangesMixin):
+    """Reads and writes of the availability mirror; each call is one round trip."""
+
+    async def close(self) -> None:
+        if self._beat_connection is not None:
+            await self._beat_connection.disconnect()
+        await self.client.aclose()
+        await self._reader.aclose()

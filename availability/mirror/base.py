@@ -1,0 +1,57 @@
+"""What every part of Mirror shares: one client, one breaker, one set of keys, and the
+settings the scripts take as arguments. Each part registers the scripts it calls; they run
+through `_run`, so that every call counts for or against the breaker.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as redis
+
+from ..settings import Settings
+from .connection import Breaker
+from .keys import Keys
+
+
+def _script(name: str, *, layout: int = 0) -> str:
+    """A script's source; with a layout, behind the shared prelude, which then reads only
+    the marker of that layout as seeded."""
+    folder = resources.files("availability") / "lua"
+    body = (folder / f"{name}.lua").read_text(encoding="utf-8")
+    if not layout:
+        return body
+    prelude = (folder / "prelude.lua").read_text(encoding="utf-8")
+    return prelude.replace("@MARK@", _mark(layout)) + "\n" + body
+
+
+def _mark(layout: int) -> str:
+    return f"v{layout} "
+
+
+class MirrorBase:
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.breaker = Breaker(settings.valkey_breaker_failures, settings.valkey_breaker_seconds)
+        self.keys = Keys.for_prefix(settings.valkey_key_prefix)
+        self._all_keys = self.keys.all()
+        self._stale_ms = int(settings.heartbeat_stale_seconds * 1000)
+        self._credit_ms = int(settings.heartbeat_mirror_interval_seconds * 1000)
+        self._beacon_ttl_ms = int(settings.beacon_shared_seconds * 1000)
+        self._retain = settings.watch_retained_changes
+        self.layout = settings.mirror_layout
+        self._mark = _mark(self.layout)
+
+    def _register(self, name: str, *, prelude: bool = True) -> Any:
+        return self.client.register_script(_script(name, layout=self.layout if prelude else 0))
+
+    async def _run(self, script: Any, *args: object) -> Any:
+        self.breaker.check()
+        try:
+            reply = await script(keys=self._all_keys, args=list(args))
+        except BaseException as exc:
+            self.breaker.judge(exc)
+            raise
+        self.breaker.succeeded()
+        return reply
