@@ -1,10 +1,10 @@
 """The watch hub behind WatchAvailableMitras: one per process.
 
 Every path that changes a mitra's availability, on any instance, appends one change to a
-Valkey stream under a cluster-wide revision (`publish` in lua/prelude.lua). The hub follows
-that stream with one blocking XREAD and keeps the available set and the retained changes in
-memory, so each watcher on this instance is served from memory: a thousand watchers cost
-one reader, and a resume within retention never touches Valkey.
+Valkey stream under a cluster-wide revision (`publish` in mirror/lua/prelude.lua). The hub
+follows that stream with one blocking XREAD and keeps the available set and the retained
+changes in memory, so each watcher on this instance is served from memory: a thousand
+watchers cost one reader, and a resume within retention never touches Valkey.
 """
 
 from __future__ import annotations

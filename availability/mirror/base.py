@@ -18,7 +18,7 @@ from .keys import Keys
 def _script(name: str, *, layout: int = 0) -> str:
     """A script's source; with a layout, behind the shared prelude, which then reads only
     the marker of that layout as seeded."""
-    folder = resources.files("availability") / "lua"
+    folder = resources.files("availability.mirror") / "lua"
     body = (folder / f"{name}.lua").read_text(encoding="utf-8")
     if not layout:
         return body
