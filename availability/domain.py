@@ -321,7 +321,7 @@ class Availability:
         batch, so readers never see an emptied or half-built set and a write that lands
         meanwhile is not undone. Members the truth does not have are dropped last. Only a
         complete pass marks the mirror seeded (readers of an unseeded mirror use Postgres), and
-        only if the data set is still the one it started on (mirror.py: trust).
+        only if the data set is still the one it started on (mirror/trust.py).
         """
         identity = await self.mirror.begin_seed()
         drift = Drift()

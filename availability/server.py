@@ -289,7 +289,7 @@ class Server:
 
     async def _valkey_connected(self, connection: Connection) -> None:
         """Every new Valkey connection checks the data set before its first command, so no
-        call is answered from a replaced one (mirror.py: trust)."""
+        call is answered from a replaced one (mirror/trust.py)."""
         if self.availability is not None:
             await self.availability.mirror.check_trust(connection=connection)
         if self.sweeps is not None:

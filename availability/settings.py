@@ -16,7 +16,7 @@ from .callers import load as load_callers
 T = TypeVar("T")
 
 MIRROR_LAYOUT = 2
-"""The version of the mirror's layout in Valkey that this code speaks (see mirror.py)."""
+"""The version of the mirror's layout in Valkey that this code speaks (see mirror/trust.py)."""
 
 
 class SettingsError(ValueError):
