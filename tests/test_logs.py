@@ -284,3 +284,43 @@ async def test_an_outage_logs_a_line_a_second_not_a_line_a_call(
     assert 1 <= len(warned) <= 2, warned
     assert server_on_own_valkey.availability is not None
     assert server_on_own_valkey.availability.counters.fallbacks["status"] >= 20
+
+
+_LEAKY = """
+import logging, sys
+from availability.logs import configure_logging
+from availability.settings import Settings
+
+configure_logging(Settings.from_env({
+    "DATABASE_URL": "postgresql://app:db-password-7@127.0.0.1/x", "VALKEY_URL": "redis://x",
+    "AUTH_TOKENS": sys.argv[1], "LOG_FORMAT": sys.argv[2],
+}))
+token, other = sys.argv[1], sys.argv[3]
+grpc_log = logging.getLogger("grpc._cython.cygrpc")
+raw = f"Bearer {token}\\xff".encode("latin-1")
+grpc_log.error("Unexpected error: metadata ((%r, %r),)", "authorization", raw)
+logging.getLogger("asyncio").error("Exception in callback: authorization=Bearer %s", other)
+try:
+    raise ValueError(f"header authorization: Bearer {token} refused")
+except ValueError:
+    logging.getLogger("grpc.aio._server").exception("Exception serialising %s", token)
+logging.getLogger("availability").info("dsn postgresql://app:db-password-7@127.0.0.1/x")
+"""
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_no_credential_reaches_a_log_line_whoever_logs_it(log_format: str) -> None:
+    """grpcio logs a refused call's raw metadata, token included, with a traceback; asyncio
+    logs callbacks' errors; a DSN may carry a password. The one handler redacts them all."""
+    token, other = f"tok-{uuid.uuid4().hex}", f"other-{uuid.uuid4().hex}"
+    ran = subprocess.run(
+        [sys.executable, "-c", _LEAKY, token, log_format, other],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stderr.strip().splitlines()
+    assert len([line for line in lines if "[redacted]" in line]) >= 4, lines
+    assert token not in ran.stderr and other not in ran.stderr
+    assert "db-password-7" not in ran.stderr
