@@ -650,3 +650,44 @@ def _replace_writable_by_all(path: Path, text: str) -> None:
     fresh.write_text(text)
     fresh.chmod(0o666)
     os.replace(fresh, path)
+
+
+async def test_unknown_methods_answer_like_known_ones(
+    settings: Settings, db: asyncpg.Connection, callers_path: Path
+) -> None:
+    """Without credentials an unknown method is UNAUTHENTICATED, as a known one is: a stranger
+    learns nothing of which methods exist. A known caller learns it is UNIMPLEMENTED."""
+    secret = token("pairing")
+    write_callers(callers_path, {"pairing": {"tokens": [secret], "scopes": ["read"]}})
+    async with (
+        running(guarded_settings(settings, callers_path)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        nowhere = channel.unary_unary("/availability.v1.AvailabilityService/Nowhere")
+        codes = []
+        for metadata in ((), bearer("not-a-token"), bearer(secret)):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await nowhere(b"", metadata=metadata, timeout=5)
+            codes.append(refused.value.code())
+    assert codes == [UNAUTHENTICATED, UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED]
+
+
+async def test_refused_credentials_are_logged_once_a_second_with_their_count(
+    settings: Settings, db: asyncpg.Connection, callers_path: Path, logged: Lines
+) -> None:
+    write_callers(callers_path, {"pairing": {"tokens": [token("pairing")], "scopes": ["read"]}})
+    async with (
+        running(guarded_settings(settings, callers_path)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        for _ in range(200):
+            refused = await call(channel, "CountAvailableMitras", bearer("not-a-token"))
+            assert refused[0] == UNAUTHENTICATED
+    shown = [json.loads(line) for line in logged.lines]
+    about = [
+        line["message"]
+        for line in shown
+        if line["level"] != "DEBUG" and ("refused" in line["message"] or "UNAUTH" in str(line))
+    ]
+    assert 1 <= len(about) <= 3, about  # one a second (with the count), not one a call
+    assert "missing or unknown credentials" in about[0]

@@ -54,12 +54,12 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Handler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_METHODS):
+        if method.startswith(OPEN_METHODS):
             return handler
         token = _bearer(handler_call_details.invocation_metadata)
         callers, tls, named, refusals = self._callers, self._tls, self._named, self._refusals
 
-        async def admit(context: Context) -> Caller:
+        async def identify(context: Context) -> Caller:
             roster = callers.roster
             if token:
                 caller = roster.by_token(token)
@@ -67,9 +67,29 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 caller = roster.by_identity(_certificate_names(context))
             else:
                 caller = None
-            request = current.get()
             if caller is None:
+                # One line a peer a second with the count, not one a call: a client sending
+                # wrong credentials in a loop must not flood the log (metrics count each).
+                peer = context.peer().rpartition(":")[0] or "unknown peer"
+                refusals.warning(
+                    peer, "calls from %s refused: missing or unknown credentials", peer
+                )
                 await abort(context, grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+            return caller
+
+        if handler is None:
+            # An unknown method answers as a known one would: a caller who is not known
+            # learns nothing of which methods exist.
+            async def unknown(requests: Any, context: Context) -> AsyncIterator[Any]:
+                await identify(context)
+                await abort(context, grpc.StatusCode.UNIMPLEMENTED, f"no method {method}")
+                yield None
+
+            return grpc.stream_stream_rpc_method_handler(unknown)
+
+        async def admit(context: Context) -> Caller:
+            caller = await identify(context)
+            request = current.get()
             if request is not None:
                 request.caller = caller.name
                 request.admin = named and caller.admin
@@ -148,6 +168,9 @@ class _Throttled:
 
     def warning(self, key: str, message: str, *args: object) -> None:
         now = time.monotonic()
+        if len(self._last) > 10_000:  # keys are callers and peers: bound them all the same
+            self._last.clear()
+            self._held.clear()
         if now - self._last.get(key, -self._seconds) < self._seconds:
             self._held[key] = self._held.get(key, 0) + 1
             return

@@ -86,8 +86,8 @@ class Observed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 finish(span, code, context.caller)
             if code in SERVER_ERRORS or (seconds >= slow and not streamed):
                 level = logging.WARNING
-            elif code == "RESOURCE_EXHAUSTED":
-                # Refusals past a limit come in floods; Guard logs them once a second.
+            elif code in ("RESOURCE_EXHAUSTED", "UNAUTHENTICATED"):
+                # Refusals come in floods; Guard logs them once a second, with their count.
                 level = logging.DEBUG
             elif code != "OK" or streamed:
                 level = logging.INFO
