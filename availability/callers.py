@@ -321,6 +321,17 @@ class Callers:
         self.reloads = 0
         self.failed_reloads = 0
         self._failed_source: bytes | None = None
+        self._reloaded = asyncio.Event()
+
+    async def next_reload(self) -> Roster:
+        """Wait for the next roster put in force; it."""
+        await self._reloaded.wait()
+        return self.roster
+
+    @property
+    def failing(self) -> bool:
+        """The file's last reading failed: the roster in force is older than the file."""
+        return self._failed_source is not None
 
     def reload(self, *, forced: bool = True) -> bool:
         """Read the file again; True when a new roster is in force. Unchanged content is not
@@ -346,6 +357,8 @@ class Callers:
         self._failed_source = None
         self.roster = roster
         self.reloads += 1
+        self._reloaded.set()
+        self._reloaded = asyncio.Event()
         log.info(
             "AUTH_CALLERS_FILE %s reloaded: %d callers (%s)",
             self.path,

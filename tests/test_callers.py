@@ -691,3 +691,53 @@ async def test_refused_credentials_are_logged_once_a_second_with_their_count(
     ]
     assert 1 <= len(about) <= 3, about  # one a second (with the count), not one a call
     assert "missing or unknown credentials" in about[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [("removed", UNAUTHENTICATED), ("narrowed", DENIED)],
+)
+async def test_a_reload_ends_the_streams_it_revokes(
+    settings: Settings, db: asyncpg.Connection, callers_path: Path, change: str, code: object
+) -> None:
+    """A caller taken out of the file, or out of the scope, loses its open watch at the next
+    reload (not at its next call): its stream ends with the code a new call would get."""
+    watcher, other = token("pairing"), token("other")
+    write_callers(
+        callers_path,
+        {
+            "pairing": {"tokens": [watcher], "scopes": ["read"]},
+            "other": {"tokens": [other], "scopes": ["read"]},
+        },
+    )
+    async with (
+        running(guarded_settings(settings, callers_path)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = pb_grpc.AvailabilityServiceStub(channel)
+        watched = stub.WatchAvailableMitras(
+            pb.WatchAvailableMitrasRequest(), metadata=bearer(watcher)
+        )
+        kept = stub.WatchAvailableMitras(pb.WatchAvailableMitrasRequest(), metadata=bearer(other))
+        assert (await watched.read()).HasField("snapshot")
+        assert (await kept.read()).HasField("snapshot")
+        pairing = {"tokens": [watcher], "scopes": ["dashboard"]} if change == "narrowed" else None
+        write_callers(
+            callers_path,
+            {
+                **({"pairing": pairing} if pairing else {}),
+                "other": {"tokens": [other], "scopes": ["read"]},
+            },
+        )
+        assert server.reload_callers()
+        async with asyncio.timeout(5):
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await _read_to_the_end(watched)
+        assert ended.value.code() == code
+        assert kept.done() is False, "a caller the reload kept keeps its stream"
+        kept.cancel()
+
+
+async def _read_to_the_end(stream: Any) -> None:
+    while True:
+        await stream.read()

@@ -4,9 +4,11 @@ transport's credentials (a bearer token, a client certificate)."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -120,7 +122,22 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 )
             return caller
 
-        return _guarded(handler, admit, callers.limiter.release)
+        async def revoked(context: Context) -> tuple[grpc.StatusCode, str]:
+            """Once a reload takes this call's credentials away, or the method's scope."""
+            names = [] if token or not tls else _certificate_names(context)
+            while True:
+                roster = await callers.next_reload()
+                caller = roster.by_token(token) if token else roster.by_identity(names)
+                if caller is None:
+                    return grpc.StatusCode.UNAUTHENTICATED, (
+                        "credentials no longer accepted: AUTH_CALLERS_FILE was reloaded"
+                    )
+                if not caller.allows(method):
+                    return grpc.StatusCode.PERMISSION_DENIED, (
+                        f"caller {caller.name} may no longer call {method}"
+                    )
+
+        return _guarded(handler, admit, callers.limiter.release, revoked if named else None)
 
 
 RETRY_AFTER_HEADER = "retry-after-ms"
@@ -186,9 +203,12 @@ def _guarded(
     handler: Handler,
     admit: Callable[[Context], Awaitable[Caller]],
     release: Callable[[Caller], None],
+    revoked: Callable[[Context], Awaitable[tuple[grpc.StatusCode, str]]] | None,
 ) -> Handler:
     """The same handler, admitting each call first and releasing its caller's slot at its end
-    (a stream holds one while it is open). Every shape, reflection's stream-stream included."""
+    (a stream holds one while it is open). Every shape, reflection's stream-stream included.
+    A stream ends as soon as a reload of the callers revokes it (`revoked`): a caller taken
+    out of the file, or out of the scope, does not keep an open watch."""
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -211,8 +231,26 @@ def _guarded(
         async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
             caller = await admit(context)
             try:
-                async for reply in behavior(request, context):
-                    yield reply
+                if revoked is None:
+                    async for reply in behavior(request, context):
+                        yield reply
+                    return
+                replies = behavior(request, context).__aiter__()
+                ended = asyncio.ensure_future(revoked(context))
+                try:
+                    while True:
+                        following = asyncio.ensure_future(replies.__anext__())
+                        await asyncio.wait({following, ended}, return_when=FIRST_COMPLETED)
+                        if ended.done() and not following.done():
+                            following.cancel()
+                            await abort(context, *ended.result())
+                        try:
+                            reply = following.result()
+                        except StopAsyncIteration:
+                            return
+                        yield reply
+                finally:
+                    ended.cancel()
             finally:
                 release(caller)
 
