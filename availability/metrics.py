@@ -18,6 +18,7 @@ from .mirror import Trust
 from .version import VERSION, commit
 
 if TYPE_CHECKING:
+    from .callers import Callers
     from .domain import Availability
     from .sweeps import Sweeps
 
@@ -30,6 +31,9 @@ class Measured(Protocol):
 
     @property
     def sweeps(self) -> Sweeps | None: ...
+
+    @property
+    def callers(self) -> Callers | None: ...
 
 
 log = logging.getLogger(__name__)
@@ -182,6 +186,18 @@ class _Domain(Collector):
                 "availability_available_mitras",
                 "Available mitras (the beacon's count).",
                 count.available,
+            )
+        if (callers := self._server.callers) is not None:
+            yield _counter(
+                "availability_callers_reload_errors",
+                "Readings of AUTH_CALLERS_FILE that failed (unreadable, writable by others, not "
+                "valid); the last good callers stay in force.",
+                callers.failed_reloads,
+            )
+            yield _gauge(
+                "availability_callers_reload_failing",
+                "1 while the last reading of AUTH_CALLERS_FILE failed.",
+                int(callers.failing),
             )
         sweeps = self._server.sweeps
         if sweeps is None:

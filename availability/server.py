@@ -276,6 +276,7 @@ class Server:
             "unmirrored": len(availability.unmirrored),
             "postgres_listener_connected": listener is not None and listener.connected.is_set(),
             "watchers": availability.watch_hub.watchers,
+            "callers_reload_failing": self.callers is not None and self.callers.failing,
         }
 
     async def _announce(self) -> None:

@@ -741,3 +741,32 @@ async def test_a_reload_ends_the_streams_it_revokes(
 async def _read_to_the_end(stream: Any) -> None:
     while True:
         await stream.read()
+
+
+async def test_a_failing_reload_is_counted_and_a_problem_in_status_until_a_good_file_loads(
+    settings: Settings, db: asyncpg.Connection, callers_path: Path
+) -> None:
+    from .test_status import reported
+
+    secret = token("pairing")
+    good = {"pairing": {"tokens": [secret], "scopes": ["read"]}}
+    write_callers(callers_path, good)
+    async with running(guarded_settings(settings, callers_path)) as server:
+        assert server.callers is not None and server.metrics is not None
+        write_callers(callers_path, "[callers.pairing\n")
+        assert server.reload_callers() is False
+        failing = await scrape_metrics(server.metrics.port)
+        status = await reported(server)
+        write_callers(callers_path, {**good, "other": {"tokens": [token("o")], "scopes": ["*"]}})
+        assert server.reload_callers() is True
+        healed = await scrape_metrics(server.metrics.port)
+
+        async def healed_in_status() -> bool:
+            problems = (await reported(server))["problems"]
+            return not any("AUTH_CALLERS_FILE" in p for p in problems)
+
+        await eventually(healed_in_status, timeout=10, what="no callers problem once it loads")
+    assert failing[("availability_callers_reload_errors_total", ())] >= 1
+    assert failing[("availability_callers_reload_failing", ())] == 1
+    assert any("AUTH_CALLERS_FILE failed to reload" in p for p in status["problems"])
+    assert healed[("availability_callers_reload_failing", ())] == 0

@@ -262,6 +262,11 @@ def _instances(
                 f"instance {instance}: change listener disconnected from Postgres; "
                 "see Runbook: Postgres failover"
             )
+        if described.get("callers_reload_failing"):
+            problems.append(
+                f"instance {instance}: AUTH_CALLERS_FILE failed to reload; the last good "
+                "callers stay in force until it reads (see its ERROR line)"
+            )
         if described.get("unmirrored"):
             notes.append(
                 f"instance {instance}: {described['unmirrored']} mirror writes waiting for repair"
