@@ -175,6 +175,8 @@ def database_url(postgres_admin_dsn: str) -> Iterator[str]:
 
 
 _PREFIXES = pytest.StashKey[set[str]]()
+_OWNERS = pytest.StashKey[dict[str, str]]()
+"""Which test made each prefix, to name it when its keys are left behind."""
 """The Valkey key prefixes this run's tests used."""
 
 
@@ -215,9 +217,17 @@ def _check_no_keys_left(config: pytest.Config, url: str, cluster: bool) -> None:
     delete them, so the shared Valkey does not keep them)."""
     left = _delete_keys(url, cluster, config.stash.get(_PREFIXES, set()))
     where = "the Valkey Cluster" if cluster else url
+    owners = config.stash.get(_OWNERS, {})
+    made_by = sorted(
+        {
+            next((test for prefix, test in owners.items() if key.startswith("{" + prefix)), "?")
+            for key in left
+        }
+    )
     assert not left, (
         f"{len(left)} keys of this run's test prefixes left in {where} (a test bypassed the "
-        f"`settings` fixture's cleanup, or a server outlived its test): {left[:20]}"
+        f"`settings` fixture's cleanup, or a server outlived its test): {left[:20]}, made by "
+        f"{made_by}"
     )
 
 
@@ -264,6 +274,7 @@ def settings(
     url = request.getfixturevalue("shared_cluster").url if cluster else shared_valkey_url
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     request.config.stash.setdefault(_PREFIXES, set()).add(prefix)
+    request.config.stash.setdefault(_OWNERS, {})[prefix] = request.node.nodeid
     yield Settings(
         database_url=database_url,
         valkey_url=url,
