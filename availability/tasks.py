@@ -19,15 +19,35 @@ log = logging.getLogger(__name__)
 _AGAIN_SECONDS = 0.1
 
 
+_REAPERS: set[asyncio.Task[None]] = set()
+"""Reapers still cancelling tasks whose waiter gave up (held so they are not collected)."""
+
+
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
     """Cancel the tasks (again, while any carries on) and wait until all have ended. A task
-    that failed instead is logged; the caller's own cancellation is never swallowed."""
+    that failed instead is logged; the caller's own cancellation is never swallowed. If the
+    caller stops waiting (a shutdown step's deadline), the cancelling goes on without it: a
+    task told to stop is never left running (a sweep outliving its server kept writing)."""
     tasks = list(tasks)
     pending = {task for task in tasks if not task.done()}
+    try:
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=_AGAIN_SECONDS)
+    except asyncio.CancelledError:
+        if pending:
+            reaper = asyncio.get_running_loop().create_task(_reap(pending), name="reaper")
+            _REAPERS.add(reaper)
+            reaper.add_done_callback(_REAPERS.discard)
+        raise
+    for task in tasks:
+        if not task.cancelled() and (failure := task.exception()) is not None:
+            log.error("task %s had failed: %r", task.get_name(), failure, exc_info=failure)
+
+
+async def _reap(pending: set[asyncio.Task[Any]]) -> None:
     while pending:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=_AGAIN_SECONDS)
-    for task in tasks:
-        if not task.cancelled() and (failure := task.exception()) is not None:
-            log.error("task %s had failed: %r", task.get_name(), failure, exc_info=failure)

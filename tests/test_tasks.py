@@ -92,3 +92,29 @@ async def test_a_task_that_had_failed_is_logged_by_name(caplog: pytest.LogCaptur
     assert any(
         "broken-loop" in r.getMessage() and "a bug" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_a_task_is_still_cancelled_after_its_waiter_gave_up() -> None:
+    """A shutdown step's deadline stops the waiting, not the cancelling: the task ends once it
+    lets a cancel through, though nobody waits for it any more."""
+    swallowed: list[int] = []
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if len(swallowed) < 50:  # would swallow cancels for longer than anyone waits
+                    swallowed.append(1)
+                    await asyncio.sleep(0.05)
+                    continue
+                raise
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.25):
+            await cancel_and_wait([task])
+    assert not task.done(), "still running when the waiter gave up"
+    await asyncio.wait({task}, timeout=5)
+    assert task.cancelled(), "the cancelling went on until a cancel got through"
