@@ -1,4 +1,4 @@
-"""`availability serve | migrate | demo | dev | status | audit | hash-token`: the console
+"""`availability serve | migrate | demo | dev | status | audit | grants | hash-token`: the console
 script."""
 
 from __future__ import annotations
@@ -171,6 +171,12 @@ def since(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _role(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$-]{0,62}", text):
+        raise argparse.ArgumentTypeError(f"expected a role name, got {text!r}")
+    return text
+
+
 def _mitra(text: str) -> UUID:
     try:
         return UUID(text)
@@ -293,6 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     audit.add_argument("--json", action="store_true", help="one JSON document (a list)")
     audit.add_argument("--limit", type=int, default=1000, help="the newest N (default 1000)")
     audit.add_argument("--data-dir", default=".data", help="where `availability dev` runs")
+    granting = commands.add_parser(
+        "grants",
+        help="print the SQL that gives a runtime database role what `serve` needs (run it "
+        "as the schema's owner, after `availability migrate`)",
+    )
+    granting.add_argument("role", type=_role, help="the role `serve` connects as")
     hashing = commands.add_parser(
         "hash-token",
         help="print a bearer token's SHA-256 digest for AUTH_CALLERS_FILE's token_sha256",
@@ -311,6 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_dev(str(args.data_dir), int(args.demo_mitras), bool(args.reset))
     if args.command == "hash-token":
         return _hash_token(args.token)
+    if args.command == "grants":
+        from .truth.grants import grants_sql
+
+        print(grants_sql(args.role))
+        return 0
     if args.command == "audit":
         if args.limit < 1:
             parser.error("--limit must be >= 1")

@@ -41,6 +41,7 @@ from .sweeps import RECONCILE, Sweeps
 from .tasks import cancel_and_wait
 from .tracing import server_tracer
 from .truth import Truth
+from .truth.grants import SchemaMissing
 from .v1 import availability_pb2 as pb
 from .v1 import availability_pb2_grpc as pb_grpc
 from .v1 import dashboard_pb2 as dashboard_pb
@@ -192,6 +193,7 @@ class Server:
             settings,
         )
         self.availability = availability = Availability(truth, mirror, settings)
+        await _check_role(truth, settings.migrate_on_start)
         if settings.migrate_on_start:
             await deadline.retry(truth.migrate)
         # The change listener connects before seeding, so the seed counts as its first
@@ -342,6 +344,31 @@ class Server:
                 await step
         except TimeoutError:
             log.error("shutdown: %s did not finish within %.0fs; going on", name, seconds)
+
+
+async def _check_role(truth: Truth, migrating: bool) -> None:
+    """Start with a role that can do the work, or stop at once in one line naming what it
+    lacks: not serve with a grant missing and fail call after call (or loop reconnecting)."""
+    role = await truth.role()
+    if migrating:
+        if not await truth.owns_schema():
+            raise StartupFailed(
+                f"MIGRATE_ON_START=true, but the database role {role} does not own the schema: "
+                "run `availability migrate` as the owner and serve with MIGRATE_ON_START=false"
+            )
+        return
+    try:
+        missing = await truth.missing_grants()
+    except SchemaMissing as exc:
+        raise StartupFailed(
+            f"table {exc} does not exist: run `availability migrate` as the schema's owner"
+        ) from None
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise StartupFailed(
+            f"the database role {role} lacks {missing[0]}{more}: as the schema's owner, run "
+            f"the SQL that `availability grants {role}` prints"
+        )
 
 
 def _connection_age(settings: Settings) -> list[tuple[str, int]]:

@@ -174,6 +174,28 @@ def database_url(postgres_admin_dsn: str) -> Iterator[str]:
     asyncio.run(drop())
 
 
+@pytest.fixture(scope="session")
+def runtime_database_url(database_url: str) -> Iterator[str]:
+    """The run's database as a runtime role holding only what `availability grants` gives
+    (the owner migrated it). With TEST_SERVE_AS=runtime every `settings` fixture serves as it."""
+    from availability.truth.grants import grants_sql
+
+    role = f"availability_rt_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+    async def owner(*statements: str) -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(owner(f'CREATE ROLE "{role}" LOGIN', grants_sql(role)))
+    scheme, _, rest = database_url.partition("://")
+    yield f"{scheme}://{role}@{rest.rpartition('@')[2]}"
+    asyncio.run(owner(f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"'))
+
+
 _PREFIXES = pytest.StashKey[set[str]]()
 _OWNERS = pytest.StashKey[dict[str, str]]()
 """Which test made each prefix, to name it when its keys are left behind."""
@@ -273,6 +295,8 @@ def settings(
     cluster = valkey_mode == "cluster"
     url = request.getfixturevalue("shared_cluster").url if cluster else shared_valkey_url
     prefix = f"test-{uuid.uuid4().hex[:12]}"
+    if os.environ.get("TEST_SERVE_AS") == "runtime":
+        database_url = request.getfixturevalue("runtime_database_url")
     request.config.stash.setdefault(_PREFIXES, set()).add(prefix)
     request.config.stash.setdefault(_OWNERS, {})[prefix] = request.node.nodeid
     yield Settings(

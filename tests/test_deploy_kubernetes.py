@@ -162,7 +162,9 @@ def test_migrations_run_in_a_job_and_not_when_the_deployment_starts() -> None:
     job = one(objects, "Job", "availability-migrate")
     [migrate] = job["spec"]["template"]["spec"]["containers"]
     assert migrate["command"] == ["availability", "migrate"]
-    assert migrate["envFrom"] == container["envFrom"]
+    # The same settings, and last the owner's DATABASE_URL (two database roles).
+    owner = {"secretRef": {"name": "availability-migrate"}}
+    assert migrate["envFrom"] == [*container["envFrom"], owner]
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 
@@ -229,3 +231,20 @@ def test_the_readme_s_first_apply_holds_what_the_job_needs_and_no_server() -> No
     config = [e["configMapRef"]["name"] for e in migrate["envFrom"] if "configMapRef" in e]
     assert config == [settings_map(first)["metadata"]["name"]]
     assert one(first, "NetworkPolicy"), "the Job's egress to Postgres"
+
+
+def test_the_migration_job_connects_as_the_owner_and_the_servers_as_the_runtime_role() -> None:
+    """Two database roles: only the Job gets the owner's DATABASE_URL (its Secret comes last,
+    so it wins); the serving pods never reference it."""
+    objects = render(OVERLAY)
+    secrets = {s["metadata"]["name"]: s for s in yaml.safe_load_all(SECRETS_EXAMPLE.read_text())}
+
+    def sources(kind: str, name: str) -> list[str]:
+        [container] = one(objects, kind, name)["spec"]["template"]["spec"]["containers"]
+        return [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
+
+    assert sources("Job", "availability-migrate")[-1] == "availability-migrate"
+    assert "availability-migrate" not in sources("Deployment", "availability")
+    owner = secrets["availability-migrate"]["stringData"]["DATABASE_URL"]
+    runtime = secrets["availability-secrets"]["stringData"]["DATABASE_URL"]
+    assert owner.split("@")[0].rpartition(":")[0] != runtime.split("@")[0].rpartition(":")[0]

@@ -16,8 +16,9 @@ from .dashboard import Dashboard
 from .following import CHANGES_TAKEN as CHANGES_TAKEN
 from .following import HEARTBEATS_FLUSHED as HEARTBEATS_FLUSHED
 from .following import Following
+from .grants import Grants
 from .upkeep import Upkeep
 
 
-class Truth(Contract, Following, Dashboard, Auditing, Upkeep):
+class Truth(Contract, Following, Dashboard, Auditing, Upkeep, Grants):
     """The Postgres store: contract tables, migrations, and the queries over them."""

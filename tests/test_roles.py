@@ -1,0 +1,191 @@
+"""Two database roles: the owner migrates, `serve` runs as a runtime role holding only what
+`availability grants` gives. The whole black-box path works as the runtime role; the role
+cannot drop a table, rewrite the audit or write the chat backend's sessions; a missing grant
+stops start-up in one line naming it."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from availability.local_stores import free_port
+from availability.settings import Settings
+from availability.v1 import availability_pb2 as pb
+from availability.v1 import availability_pb2_grpc as pb_grpc
+from availability.v1 import dashboard_pb2 as dashboard_pb
+from availability.v1 import dashboard_pb2_grpc as dashboard_pb_grpc
+
+from .helpers import Fleet, eventually, stop_process, store_env
+from .test_process import _wait_serving
+
+
+def _serve(settings: Settings, url: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
+    address = f"127.0.0.1:{free_port()}"
+    env = store_env(
+        replace(settings, database_url=url),
+        address,
+        MIGRATE_ON_START="false",
+        METRICS_ADDRESS="",
+        **extra,
+    )
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "availability", "serve"], env=env, stdout=out, stderr=out
+        )
+    process.address = address  # type: ignore[attr-defined]
+    return process
+
+
+async def test_serve_as_the_runtime_role_does_everything_the_service_does(
+    settings: Settings,
+    db: asyncpg.Connection,
+    fleet: Fleet,
+    runtime_database_url: str,
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "serve.log"
+    process = _serve(settings, runtime_database_url, log, CHANGE_POLL_SECONDS="0.02")
+    try:
+        await asyncio.to_thread(_wait_serving, process.address, process, log)  # type: ignore[attr-defined]
+        mitra = await fleet.mitra("Runtime", capacity=3)
+        session = await fleet.auth_session(mitra)
+        async with grpc.aio.insecure_channel(process.address) as channel:  # type: ignore[attr-defined]
+            stub = pb_grpc.AvailabilityServiceStub(channel)
+            dashboard = dashboard_pb_grpc.DashboardServiceStub(channel)
+            await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+            assert (await stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(mitra)))).online
+            await fleet.session(mitra, "active")  # the chat backend writes its table
+
+            async def load_followed() -> bool:
+                found = await stub.FindAvailableMitras(pb.FindAvailableMitrasRequest())
+                return [m.load for m in found.mitras if m.mitra_id == str(mitra)] == [1]
+
+            await eventually(load_followed, what="load follows chat_sessions")
+            loads = await stub.RecomputeLoad(pb.RecomputeLoadRequest(mitra_ids=[str(mitra)]))
+            assert [entry.load for entry in loads.loads] == [1]
+            stats = await dashboard.GetDashboardStats(dashboard_pb.GetDashboardStatsRequest())
+            assert stats.active_chats == 1 and stats.online_mitras == 1
+            deactivated = await stub.SetMitraActive(
+                pb.SetMitraActiveRequest(mitra_id=str(mitra), active=False)
+            )
+            assert deactivated.revoked_auth_sessions == 1 and not deactivated.status.online
+    finally:
+        stop_process(process)
+    text = log.read_text()
+    assert "Traceback" not in text and "permission denied" not in text.lower(), text[-3000:]
+    assert "change listener lost Postgres" not in text, "the listener held its connection"
+    revoked = await db.fetchval("SELECT revoked_at FROM auth_sessions WHERE id = $1", session)
+    audited = await db.fetchval(
+        "SELECT count(*) FROM availability_audit WHERE mitra_id = $1 AND action = 'set_active'",
+        mitra,
+    )
+    assert revoked is not None and audited == 1
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DROP TABLE mitras CASCADE",
+        "UPDATE availability_audit SET caller = 'someone else'",
+        "DELETE FROM availability_audit",
+        "UPDATE chat_sessions SET status = 'ended'",
+        "TRUNCATE mitra_online_status",
+        "ALTER TABLE mitras ADD COLUMN x int",
+        "UPDATE mitras SET display_name = 'x'",
+        "LOCK TABLE chat_sessions IN SHARE MODE",
+    ],
+)
+async def test_the_runtime_role_cannot_do_what_serve_never_does(
+    runtime_database_url: str, statement: str
+) -> None:
+    conn = await asyncpg.connect(runtime_database_url)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with conn.transaction():
+                await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def test_a_missing_grant_stops_start_up_in_one_line_naming_it(
+    settings: Settings, database_url: str, tmp_path: Path
+) -> None:
+    role = f"availability_short_{uuid.uuid4().hex[:6]}"
+    from availability.truth.grants import grants_sql
+
+    async def owner(*statements: str) -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(
+        owner(
+            f'CREATE ROLE "{role}" LOGIN',
+            grants_sql(role),
+            f'REVOKE INSERT ON availability_audit FROM "{role}"',
+        )
+    )
+    try:
+        scheme, _, rest = database_url.partition("://")
+        url = f"{scheme}://{role}@{rest.rpartition('@')[2]}"
+        runs = {}
+        for migrate in ("false", "true"):
+            env = store_env(
+                replace(settings, database_url=url),
+                f"127.0.0.1:{free_port()}",
+                MIGRATE_ON_START=migrate,
+                METRICS_ADDRESS="",
+                STARTUP_TIMEOUT_SECONDS="20",
+            )
+            runs[migrate] = subprocess.run(
+                [sys.executable, "-m", "availability", "serve"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+    finally:
+        asyncio.run(owner(f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"'))
+    serving, migrating = runs["false"], runs["true"]
+    assert serving.returncode == 1, serving.stderr
+    assert f"the database role {role} lacks INSERT on availability_audit" in serving.stderr
+    assert f"availability grants {role}" in serving.stderr
+    assert migrating.returncode == 1
+    assert "does not own the schema" in migrating.stderr
+    for run in (serving, migrating):
+        assert "Traceback" not in run.stderr
+        assert (
+            len([line for line in run.stderr.splitlines() if "ERROR" in line or "lacks" in line])
+            <= 2
+        )
+
+
+def test_grants_prints_sql_for_a_role_and_refuses_a_bad_name() -> None:
+    printed = subprocess.run(
+        [sys.executable, "-m", "availability", "grants", "availability_app"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert printed.returncode == 0
+    assert 'GRANT SELECT ON chat_sessions TO "availability_app";' in printed.stdout
+    assert "UPDATE ON chat_sessions" not in printed.stdout
+    assert 'GRANT INSERT ON availability_audit TO "availability_app";' in printed.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "availability", "grants", 'x"; DROP TABLE mitras; --'],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2 and "expected a role name" in refused.stderr
