@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 _TAKE_BATCH = 1000
 _CLOSE_DAYS_SECONDS = 600.0
-_RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
+_RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+"""Backoff after a failure: an error that repeats (a grant revoked, say) waits ever longer, up
+to 30 s, so it cannot turn into a reconnect and a full rebuild of the mirror every 0.1 s."""
 
 
 class ChangeListener:
@@ -54,6 +56,8 @@ class ChangeListener:
         self.heard = 0
         self._resyncing = False
         self._flushed_since: int | None = None
+        self.last_error: str | None = None
+        """The failure the listener is retrying after; None once a round went through."""
         self.reconnects = 0
         self.load_polls = 0
         self.leading_load_poll = False
@@ -86,7 +90,7 @@ class ChangeListener:
         """Take changes forever, on a connection of its own. After losing it, reconcile: the
         noted changes survive a restart, but a failover may have lost commits the mirror
         already holds, and only a full pass brings the mirror back to the new primary."""
-        failures = 0
+        failures, logged_at = 0, 0.0
         truth = self._availability.truth
         while True:
             try:
@@ -101,7 +105,6 @@ class ChangeListener:
                         self.reconnects += 1
                         await self._reconcile("change listener reconnected")
                     self.reconcile_on_connect = True
-                    failures = 0
                     self.connected.set()
                     days_closed_at = -_CLOSE_DAYS_SECONDS
                     loads_polled_at = time.monotonic()
@@ -126,7 +129,11 @@ class ChangeListener:
                             await truth.announce_changes(
                                 conn, self._availability.mirror.identity, taken
                             )
-                        if not await self._resync_pending():
+                        more = await self._resync_pending()
+                        # A whole round went through: only now is the failure behind us (an
+                        # error right after connecting must not reset the backoff).
+                        failures, self.last_error = 0, None
+                        if not more:
                             await asyncio.sleep(self._interval)
             except asyncio.CancelledError:
                 raise
@@ -134,13 +141,18 @@ class ChangeListener:
                 self.connected.clear()
                 delay = _RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)]
                 failures += 1
-                log.warning(
-                    "change listener lost Postgres (%s: %s); retry %d in %.1fs",
-                    type(exc).__name__,
-                    exc,
-                    failures,
-                    delay,
-                )
+                error = f"{type(exc).__name__}: {exc}"
+                # Each distinct error once, then once a minute while it repeats: it must not
+                # flood the log any more than the database.
+                if error != self.last_error or time.monotonic() - logged_at >= 60:
+                    logged_at = time.monotonic()
+                    log.warning(
+                        "change listener lost Postgres (%s); retry %d in %.1fs",
+                        error,
+                        failures,
+                        delay,
+                    )
+                self.last_error = error
                 await asyncio.sleep(delay)
 
     async def _reconcile(self, why: str) -> None:

@@ -279,6 +279,7 @@ class Server:
             "postgres_listener_connected": listener is not None and listener.connected.is_set(),
             "watchers": availability.watch_hub.watchers,
             "callers_reload_failing": self.callers is not None and self.callers.failing,
+            "listener_error": listener.last_error if listener is not None else None,
         }
 
     async def _announce(self) -> None:

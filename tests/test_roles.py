@@ -189,3 +189,40 @@ def test_grants_prints_sql_for_a_role_and_refuses_a_bad_name() -> None:
         timeout=30,
     )
     assert refused.returncode == 2 and "expected a role name" in refused.stderr
+
+
+async def test_a_grant_revoked_under_a_running_service_backs_off_and_shows_until_restored(
+    settings: Settings, db: asyncpg.Connection, runtime_database_url: str
+) -> None:
+    """The change listener loses DELETE on the change table: it retries with backoff, not a
+    reconnect and a full rebuild of the mirror every 0.1 s, says so once, and status shows
+    it as a problem until the grant is back."""
+    from availability.server import running
+
+    from .test_status import reported
+
+    role = runtime_database_url.partition("://")[2].partition("@")[0]
+    async with running(replace(settings, database_url=runtime_database_url)) as server:
+        listener = server.listener
+        assert listener is not None
+        await db.execute(f'REVOKE DELETE ON availability_changes FROM "{role}"')
+        try:
+            await eventually(lambda: _failing(listener), timeout=10, what="listener failing")
+            before = listener.reconnects
+            await asyncio.sleep(6)
+            rebuilds = listener.reconnects - before
+            problems = (await reported(server))["problems"]
+        finally:
+            await db.execute(f'GRANT DELETE ON availability_changes TO "{role}"')
+        await eventually(lambda: _recovered(listener), timeout=40, what="listener recovered")
+    # The backoff (0.1, 0.5, 1, 2, 5 s ...) allows 4 or 5 in 6 s; without it, one every 0.1 s.
+    assert rebuilds <= 5, f"{rebuilds} reconnects and rebuilds in 6 s"
+    assert any("change listener failing" in p and "permission" in p.lower() for p in problems)
+
+
+async def _failing(listener: object) -> bool:
+    return getattr(listener, "last_error", None) is not None
+
+
+async def _recovered(listener: object) -> bool:
+    return getattr(listener, "last_error", None) is None

@@ -262,6 +262,11 @@ def _instances(
                 f"instance {instance}: change listener disconnected from Postgres; "
                 "see Runbook: Postgres failover"
             )
+        if error := described.get("listener_error"):
+            problems.append(
+                f"instance {instance}: change listener failing ({error}); it retries with "
+                "backoff, and loads follow only the reconcile until it recovers"
+            )
         if described.get("callers_reload_failing"):
             problems.append(
                 f"instance {instance}: AUTH_CALLERS_FILE failed to reload; the last good "
