@@ -115,6 +115,8 @@ class JsonFormatter(logging.Formatter):
         line.update(_context_fields(record))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exception"] = record.exc_text
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
@@ -156,7 +158,8 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
 class _Redacting(logging.Formatter):
     """Wraps the formatter of the one handler every logger reaches (ours, grpcio's, asyncio's):
     nothing that looks like a credential leaves the process, whoever logged it (grpcio logs a
-    refused call's raw metadata, token included, with its traceback)."""
+    refused call's raw metadata, token included, with its traceback). The message and the
+    traceback are redacted before the line is formatted, so a JSON line stays JSON."""
 
     def __init__(self, inner: logging.Formatter, secrets: tuple[str, ...]) -> None:
         super().__init__()
@@ -164,7 +167,15 @@ class _Redacting(logging.Formatter):
         self._secrets = tuple(sorted(secrets, key=len, reverse=True))
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(self._inner.format(record), self._secrets)
+        clean = logging.makeLogRecord(record.__dict__)
+        clean.msg, clean.args = redact(record.getMessage(), self._secrets), None
+        if record.exc_info:
+            clean.exc_text = redact(self.formatException(record.exc_info), self._secrets)
+            clean.exc_info = None
+        elif record.exc_text:
+            clean.exc_text = redact(record.exc_text, self._secrets)
+        clean.stack_info = record.stack_info and redact(record.stack_info, self._secrets)
+        return self._inner.format(clean)
 
 
 def configure_logging(settings: Settings) -> None:

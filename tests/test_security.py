@@ -4,6 +4,7 @@ and reflection can be turned off."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -244,3 +245,91 @@ async def test_status_reaches_a_server_behind_mutual_tls_and_tokens(
     assert allowed["server"]["health"] == "SERVING" and allowed["server"]["online"] == 1
     assert "UNAUTHENTICATED" in tokenless["server"]["error"]
     assert "error" in anonymous["server"], "no client certificate, no answer"
+
+
+def _raw_call(port: int, headers: list[tuple[bytes, bytes]]) -> None:
+    """One CountAvailableMitras over raw HTTP/2, with headers no gRPC client would send (a
+    byte that is not UTF-8, control characters, a megabyte, the header twice)."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    connection = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+    )
+    # Literal headers: Huffman-coding a megabyte in pure Python takes a minute and a half.
+    connection.encoder.encode = functools.partial(connection.encoder.encode, huffman=False)
+    ended = (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            connection.initiate_connection()
+            stream = connection.get_next_available_stream_id()
+            connection.send_headers(
+                stream,
+                [
+                    (b":method", b"POST"),
+                    (b":scheme", b"http"),
+                    (b":path", b"/availability.v1.AvailabilityService/CountAvailableMitras"),
+                    (b":authority", b"127.0.0.1"),
+                    (b"content-type", b"application/grpc"),
+                    (b"te", b"trailers"),
+                    *headers,
+                ],
+            )
+            connection.send_data(stream, b"\x00\x00\x00\x00\x00", end_stream=True)
+            sock.sendall(connection.data_to_send())
+            while data := sock.recv(65536):
+                if any(isinstance(e, ended) for e in connection.receive_data(data)):
+                    return
+                sock.sendall(connection.data_to_send())
+    except OSError:
+        return  # the server may close a connection that sent a megabyte of header
+
+
+def test_malformed_authorization_headers_never_put_the_token_in_a_log(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The probe that found a token in the log: a valid token followed by a byte that is not
+    UTF-8 was refused, and grpcio wrote the raw header at ERROR with a traceback."""
+    import subprocess
+
+    from availability.local_stores import free_port
+
+    from .helpers import stop_process, store_env
+    from .test_process import _wait_serving
+
+    token = "tok-" + "a1b2c3d4" * 4
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = store_env(
+        settings, f"127.0.0.1:{port}", AUTH_TOKENS=token, LOG_FORMAT="json", METRICS_ADDRESS=""
+    )
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "availability", "serve"], env=env, stdout=out, stderr=out
+        )
+    try:
+        _wait_serving(f"127.0.0.1:{port}", process, log)  # type: ignore[arg-type]
+        bearer = b"Bearer " + token.encode()
+        for headers in (
+            [(b"authorization", bearer + b"\xff")],
+            [(b"authorization", bearer + b"\x01\x7f")],
+            [(b"authorization", bearer + b"x" * 1_000_000)],
+            [(b"authorization", bearer), (b"authorization", bearer + b"\xfe")],
+        ):
+            _raw_call(port, headers)
+        _wait_serving(f"127.0.0.1:{port}", process, log)  # type: ignore[arg-type]
+    finally:
+        stop_process(process)
+    text = log.read_text()
+    lines = text.splitlines()
+    assert all(json.loads(line) for line in lines), "every line stays one JSON object"
+    assert any("[redacted]" in line for line in lines), "grpcio logged the header, redacted"
+    assert token not in text and token[4:] not in text
