@@ -78,10 +78,12 @@ check-wire: $(STAMP)
 	$(BIN)/buf breaking --against '.git#ref=$(PREVIOUS_RELEASE)'
 	@echo "protos/ keep the wire contract of $(PREVIOUS_RELEASE)"
 
-# The whole suite, in parallel: each worker has its own database, key prefixes and ports;
-# the Valkey Cluster cases share one worker (and one local cluster). TEST_WORKERS=0: serial.
+# The whole suite, in parallel, a test file to a worker (its module fixtures, such as the
+# image it builds, stay in one process): each worker has its own database, key prefixes and
+# ports, and the workers that run Valkey Cluster cases each start a local cluster.
+# TEST_WORKERS=0: serial. (xdist's loadgroup does not group under pytest 9: checked.)
 TEST_WORKERS ?= 4
-PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 # The suite's temporary folders live under build/, not pytest's shared /tmp/pytest-of-$USER,
 # whose mode every pytest that starts resets to 0700: a local Postgres started as the postgres
 # account (make test as root) could then no longer reach its own data directory.

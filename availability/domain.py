@@ -100,6 +100,8 @@ class Availability:
         self.mirror = mirror
         self.settings = settings
         self.counters = Counters()
+        self.stopping = False
+        """Set first thing at shutdown: long-running streams end on it."""
         self._warnings = _Throttled()
         self.unmirrored: set[UUID] = set()
         self._beacon: Coalesced[None, AvailabilityCount] = Coalesced()

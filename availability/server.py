@@ -313,6 +313,8 @@ class Server:
         """Stop taking calls, let in-flight ones finish, stop tasks, close pools. Each step
         is bounded, so a stuck one is logged by name and shutdown still completes."""
         self._serving = False
+        if self.availability is not None:
+            self.availability.stopping = True
         await self._step("health", self.health.enter_graceful_shutdown())
         if self.availability is not None:
             await self._step("watches", self.availability.watch_hub.stop())

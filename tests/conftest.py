@@ -88,19 +88,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """`single_and_cluster` tests run on both kinds of Valkey, unless they bring their own.
-    Under pytest-xdist every cluster case goes to one worker (`--dist loadgroup`), so one
-    local Valkey Cluster serves them all instead of one a worker."""
+    """`single_and_cluster` tests run on both kinds of Valkey, unless they bring their own."""
     if (
         metafunc.definition.get_closest_marker("single_and_cluster")
         and "valkey_mode" in metafunc.fixturenames
         and not _OWN_STORES & set(metafunc.fixturenames)
     ):
-        metafunc.parametrize(
-            "valkey_mode",
-            ["single", pytest.param("cluster", marks=pytest.mark.xdist_group("cluster"))],
-            indirect=True,
-        )
+        metafunc.parametrize("valkey_mode", ["single", "cluster"], indirect=True)
 
 
 @pytest.fixture

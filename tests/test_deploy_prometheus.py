@@ -328,7 +328,6 @@ async def _until(check: Any, timeout: float, what: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("timing")
 @pytest.mark.timeout(600)
 async def test_valkey_lost_alert_fires_and_resolves_in_a_real_prometheus_and_panels_have_data(
     served: Served, prometheus: Prometheus, own_valkey: LocalValkey, fleet: Fleet

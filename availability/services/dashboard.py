@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from ..domain import DASHBOARD_MAX_AGE, Availability
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, WatchInterrupted
 from ..model import DashboardStats
 from ..v1 import dashboard_pb2 as pb
 from ..v1 import dashboard_pb2_grpc as pb_grpc
@@ -74,6 +74,10 @@ class DashboardService(pb_grpc.DashboardServiceServicer):
         interval = max(MIN_INTERVAL_SECONDS, requested)
         sent: DashboardStats | None = None
         while True:
+            if self._availability.stopping:
+                # Ends here even if a cancellation was lost in a Valkey call (tasks.py): a
+                # dashboard stream must not outlive its server.
+                raise WatchInterrupted("the server is shutting down; watch again elsewhere")
             stats = await self._availability.dashboard(limit, max(interval, DASHBOARD_MAX_AGE))
             if not stats.same_numbers(sent):
                 yield pb.WatchDashboardStatsResponse(**_fields(stats))
