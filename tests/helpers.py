@@ -117,11 +117,12 @@ class Fleet:
 async def eventually(
     check: Callable[[], Awaitable[T]],
     *,
-    timeout: float = 5.0,
+    timeout: float = 10.0,
     interval: float = 0.02,
     what: str = "condition",
 ) -> T:
-    """Poll check until it returns a truthy value; fail with its last value otherwise."""
+    """Poll check until it returns a truthy value; fail with its last value otherwise. A wait,
+    not a measurement: the default leaves room for 4 test workers on 2 shared cores."""
     deadline = time.monotonic() + timeout
     while True:
         value = await check()
