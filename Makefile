@@ -88,12 +88,8 @@ PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist lo
 # whose mode every pytest that starts resets to 0700: a local Postgres started as the postgres
 # account (make test as root) could then no longer reach its own data directory.
 PYTEST_TEMP := --basetemp=build/pytest
-# Then the core RPC and dashboard suites again, their servers on a runtime database role
-# that holds only what `availability grants` gives (tests/conftest.py: TEST_SERVE_AS).
 test: lint check-protos check-wire test-node
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_TEMP) --durations=15
-	TEST_SERVE_AS=runtime $(BIN)/python -m pytest $(PYTEST_PARALLEL) --basetemp=build/pytest-runtime -q \
-		tests/test_rpcs.py tests/test_dashboard.py
 
 # The inner loop (under 90 s): lint, types, the proto and wire checks, and every test that
 # needs no Postgres, Valkey or server. Run it while you work; make test before you push.
