@@ -78,11 +78,12 @@ check-wire: $(STAMP)
 	$(BIN)/buf breaking --against '.git#ref=$(PREVIOUS_RELEASE)'
 	@echo "protos/ keep the wire contract of $(PREVIOUS_RELEASE)"
 
-# The whole suite, in parallel, a test file to a worker (its module fixtures, such as the
-# image it builds, stay in one process): each worker has its own database, key prefixes and
-# ports, and the workers that run Valkey Cluster cases each start a local cluster.
-# TEST_WORKERS=0: serial. (xdist's loadgroup does not group under pytest 9: checked.)
-TEST_WORKERS ?= 4
+# The whole suite, serially by default: that is what CI runs, and it is stable. TEST_WORKERS=4
+# runs it in parallel, a test file to a worker (each worker with its own database, key
+# prefixes and ports): about 5 minutes instead of about 14, but on 2 cores some timing-
+# sensitive tests (watch ordering, the load poll, eviction, the 0.1.0 bite) fail now and then
+# (CONTRIBUTING.md). xdist's loadgroup does not group under pytest 9 (checked), so loadfile.
+TEST_WORKERS ?= 0
 PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 # The suite's temporary folders live under build/, not pytest's shared /tmp/pytest-of-$USER,
 # whose mode every pytest that starts resets to 0700: a local Postgres started as the postgres
