@@ -41,7 +41,7 @@ from availability.settings import Settings
 from availability.truth import Truth
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet
+from .helpers import Fleet, runtime_role
 
 if TYPE_CHECKING:
     from availability.local_stores import LocalPostgres, LocalValkey, LocalValkeyCluster
@@ -172,22 +172,9 @@ def database_url(postgres_admin_dsn: str) -> Iterator[str]:
 def runtime_database_url(database_url: str) -> Iterator[str]:
     """The run's database as a runtime role holding only what `availability grants` gives
     (the owner migrated it). With TEST_SERVE_AS=runtime every `settings` fixture serves as it."""
-    from availability.truth.grants import grants_sql
-
     role = f"availability_rt_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-
-    async def owner(*statements: str) -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
-            for statement in statements:
-                await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(owner(f'CREATE ROLE "{role}" LOGIN', grants_sql(role)))
-    scheme, _, rest = database_url.partition("://")
-    yield f"{scheme}://{role}@{rest.rpartition('@')[2]}"
-    asyncio.run(owner(f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"'))
+    with runtime_role(database_url, role) as url:
+        yield url
 
 
 _PREFIXES = pytest.StashKey[set[str]]()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from typing import TypeVar
 from uuid import UUID
@@ -241,3 +242,25 @@ def required_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@contextlib.contextmanager
+def runtime_role(database_url: str, role: str, *then: str) -> Iterator[str]:
+    """A login role holding what `availability grants` gives (then the owner's `then`
+    statements, e.g. a REVOKE); its DSN on the same database. Dropped afterwards."""
+    from availability.truth.grants import grants_sql
+
+    async def owner(*statements: str) -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(owner(f'CREATE ROLE "{role}" LOGIN', grants_sql(role), *then))
+    scheme, _, rest = database_url.partition("://")
+    try:
+        yield f"{scheme}://{role}@{rest.rpartition('@')[2]}"
+    finally:
+        asyncio.run(owner(f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"'))

@@ -23,7 +23,7 @@ from availability.v1 import availability_pb2_grpc as pb_grpc
 from availability.v1 import dashboard_pb2 as dashboard_pb
 from availability.v1 import dashboard_pb2_grpc as dashboard_pb_grpc
 
-from .helpers import Fleet, eventually, stop_process, store_env
+from .helpers import Fleet, eventually, runtime_role, stop_process, store_env
 from .test_process import _wait_serving
 
 
@@ -119,27 +119,9 @@ def test_a_missing_grant_stops_start_up_in_one_line_naming_it(
     settings: Settings, database_url: str, tmp_path: Path
 ) -> None:
     role = f"availability_short_{uuid.uuid4().hex[:6]}"
-    from availability.truth.grants import grants_sql
-
-    async def owner(*statements: str) -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
-            for statement in statements:
-                await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(
-        owner(
-            f'CREATE ROLE "{role}" LOGIN',
-            grants_sql(role),
-            f'REVOKE INSERT ON availability_audit FROM "{role}"',
-        )
-    )
-    try:
-        scheme, _, rest = database_url.partition("://")
-        url = f"{scheme}://{role}@{rest.rpartition('@')[2]}"
-        runs = {}
+    revoked = f'REVOKE INSERT ON availability_audit FROM "{role}"'
+    runs = {}
+    with runtime_role(database_url, role, revoked) as url:
         for migrate in ("false", "true"):
             env = store_env(
                 replace(settings, database_url=url),
@@ -155,8 +137,6 @@ def test_a_missing_grant_stops_start_up_in_one_line_naming_it(
                 text=True,
                 timeout=60,
             )
-    finally:
-        asyncio.run(owner(f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"'))
     serving, migrating = runs["false"], runs["true"]
     assert serving.returncode == 1, serving.stderr
     assert f"the database role {role} lacks INSERT on availability_audit" in serving.stderr
