@@ -98,21 +98,28 @@ def _run(release: Release, *args: str, env: dict[str, str]) -> subprocess.Comple
     )
 
 
+@contextlib.contextmanager
+def _made_by_previous(admin_dsn: str, previous: Release, settings: Settings) -> Iterator[str]:
+    """A new database that the previous release migrated (as it would have served it)."""
+    url = _create_database(admin_dsn)
+    try:
+        made = _run(previous, "migrate", env=_env(settings, url))
+        assert made.returncode == 0, made.stderr
+        yield url
+    finally:
+        _drop_database(admin_dsn, url)
+
+
 @pytest.fixture
 def upgraded_database(
     postgres_admin_dsn: str, previous_release: Release, settings: Settings
 ) -> Iterator[str]:
     """A database the previous release made and served, then migrated by this release."""
-    url = _create_database(postgres_admin_dsn)
-    try:
-        made = _run(previous_release, "migrate", env=_env(settings, url))
-        assert made.returncode == 0, made.stderr
+    with _made_by_previous(postgres_admin_dsn, previous_release, settings) as url:
         applied = asyncio.run(_migrate(replace(settings, database_url=url)))
         assert "0010_release_0_1_0_beside.sql" in applied
         assert not [name for name in applied if name.startswith("contract/")], applied
         yield url
-    finally:
-        _drop_database(postgres_admin_dsn, url)
 
 
 @pytest.fixture
@@ -120,14 +127,9 @@ def database_before_0010(
     postgres_admin_dsn: str, previous_release: Release, settings: Settings
 ) -> Iterator[str]:
     """The same, on the schema as it stood before 0010: what a rollback met then."""
-    url = _create_database(postgres_admin_dsn)
-    try:
-        made = _run(previous_release, "migrate", env=_env(settings, url))
-        assert made.returncode == 0, made.stderr
+    with _made_by_previous(postgres_admin_dsn, previous_release, settings) as url:
         asyncio.run(_apply_expand_steps_before(url, "0010"))
         yield url
-    finally:
-        _drop_database(postgres_admin_dsn, url)
 
 
 def _create_database(admin_dsn: str) -> str:
