@@ -1,6 +1,6 @@
-"""The original dashboard's method (../shared/seed/): six queries, one of them a correlated
-subquery per online mitra. The reference our numbers must equal, and the baseline the
-benchmark compares with."""
+"""The original dashboard's method (the dashboard service of the JavaScript backend this
+service replaces): six queries, one of them a correlated subquery per online mitra. The
+reference our numbers must equal, and the baseline the benchmark compares with."""
 
 from __future__ import annotations
 
