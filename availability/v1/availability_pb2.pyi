@@ -328,18 +328,29 @@ class BatchHeartbeatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MITRA_IDS_FIELD_NUMBER: _builtins.int
+    MITRA_SESSIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def mitra_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """At most 5,000 ids; the same id twice is recorded once and answered twice."""
+
+    @_builtins.property
+    def mitra_sessions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For a caller whose presence calls are bound to mitras (bind_presence in its callers
+        entry): each mitra's auth session id (auth_sessions.id), one per mitra_ids entry, in the
+        same order. Unary presence calls carry it as metadata x-mitra-session instead. An id
+        whose session is missing, not that mitra's, revoked or expired is answered
+        OUTCOME_SESSION_REFUSED; other callers leave this empty.
+        """
 
     def __init__(
         self,
         *,
         mitra_ids: _abc.Iterable[_builtins.str] | None = ...,
+        mitra_sessions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mitra_ids", b"mitra_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mitra_ids", b"mitra_ids", "mitra_sessions", b"mitra_sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -390,6 +401,10 @@ class HeartbeatResult(_message.Message):
         """No such mitra."""
         OUTCOME_INVALID_ID: HeartbeatResult._Outcome.ValueType  # 5
         """Not a UUID."""
+        OUTCOME_SESSION_REFUSED: HeartbeatResult._Outcome.ValueType  # 6
+        """Refused: the caller's presence calls are bound to mitras and this id's
+        mitra_sessions entry is missing or not a live session of this mitra.
+        """
 
     class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
         """What a unary Heartbeat would have answered: it maps to OK (online true or
@@ -407,6 +422,10 @@ class HeartbeatResult(_message.Message):
     """No such mitra."""
     OUTCOME_INVALID_ID: HeartbeatResult.Outcome.ValueType  # 5
     """Not a UUID."""
+    OUTCOME_SESSION_REFUSED: HeartbeatResult.Outcome.ValueType  # 6
+    """Refused: the caller's presence calls are bound to mitras and this id's
+    mitra_sessions entry is missing or not a live session of this mitra.
+    """
 
     MITRA_ID_FIELD_NUMBER: _builtins.int
     ONLINE_FIELD_NUMBER: _builtins.int
