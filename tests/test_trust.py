@@ -247,7 +247,7 @@ async def test_an_eviction_alone_is_seen_and_distrusted(
             await direct.set("other-tenant:push", "y" * 5_000)
         await direct.config_set("maxmemory", "0")
         assert int((await direct.info("stats"))["evicted_keys"]) >= 1
-        await eventually(lambda: _positive(mirror.distrusted), timeout=5)
+        await eventually(lambda: _positive(mirror.distrusted), timeout=15)
         assert mirror.trust is not None
         assert mirror.trust.maxmemory_policy == "volatile-lru", "reported, to be warned about"
         await eventually(lambda: from_cache(stub_own), timeout=10)

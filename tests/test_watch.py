@@ -19,6 +19,7 @@ from availability.mirror import Keys
 from availability.model import AvailabilitySnapshot
 from availability.server import Server, running
 from availability.settings import Settings
+from availability.sweeps import AUTO_OFFLINE
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
@@ -206,17 +207,17 @@ async def test_stale_mitra_leaves_and_a_heartbeat_brings_it_back(
     the auto-offline sweep that follows sends nothing more (the watcher already knows)."""
     mitra = await fleet.mitra("Ayu")
     steady = await fleet.mitra("Steady")
-    async with served(quick_settings) as (_server, stub):
+    # The sweep runs by hand once the stale event is out: on its own cadence it could win
+    # the race with the expiry check on a loaded machine, and the event would say OFFLINE.
+    hand_swept = replace(quick_settings, mitra_auto_offline_sweep_seconds=600)
+    async with served(hand_swept) as (server, stub):
         await online(stub, mitra, steady)
-        async with watching(stub) as watcher:
-            await watcher.wait_for(1)
-            # Steady keeps beating; Ayu stops.
-            for _ in range(12):
-                await stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(steady)))
-                await asyncio.sleep(0.1)
+        async with watching(stub) as watcher, beating(stub, steady):  # Ayu stops
             await watcher.wait_for(2)
             stale = watcher.changes()[0]
             # The auto-offline sweep takes Ayu offline: no second event.
+            assert server.sweeps is not None
+            assert await server.sweeps.run_once(AUTO_OFFLINE, 30.0, server.sweeps.auto_offline)
             await eventually(lambda: _offline(stub, mitra), timeout=5.0)
             await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
             await watcher.wait_for(3)
@@ -224,6 +225,24 @@ async def test_stale_mitra_leaves_and_a_heartbeat_brings_it_back(
 
     assert stale == (UNAVAILABLE, str(mitra), 0, pb.UNAVAILABLE_REASON_STALE)
     assert watcher.changes()[1:] == [(AVAILABLE, str(mitra), 0, NO_REASON)]
+
+
+@contextlib.asynccontextmanager
+async def beating(stub: Stub, mitra: UUID) -> AsyncIterator[None]:
+    """A mitra's app heartbeating every 0.1 s for the block."""
+
+    async def beat() -> None:
+        while True:
+            await stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(mitra)))
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _offline(stub: Stub, mitra: UUID) -> bool:
@@ -333,40 +352,40 @@ async def test_sweeps_on_either_instance_reach_watchers_on_both(
     whichever holds its lease, a reconcile on either heals drift: each change reaches the
     watchers of both instances once."""
     ayu, budi = await fleet.mitra("Ayu"), await fleet.mitra("Budi")
-    async with served(quick_settings) as (_, first), served(quick_settings) as (two, second):
+    async with (
+        served(quick_settings) as (one, first),
+        served(quick_settings) as (two, second),
+        contextlib.AsyncExitStack() as stack,  # the watchers, opened while Ayu is fresh
+    ):
         await online(first, ayu, budi)
-
-        async def keep_budi_fresh() -> None:
-            while True:
-                await second.Heartbeat(pb.HeartbeatRequest(mitra_id=str(budi)))
-                await asyncio.sleep(0.1)
-
-        beating = asyncio.create_task(keep_budi_fresh())
-        try:
-            async with watching(first) as on_first, watching(second) as on_second:
+        async with beating(second, budi):
+            async with beating(first, ayu):  # fresh until both watchers hold their snapshot
+                # The feed's resyncs of those SetOnlines land before anything is watched.
+                await settled(one, db)
+                await settled(two, db)
+                on_first = await stack.enter_async_context(watching(first))
+                on_second = await stack.enter_async_context(watching(second))
                 await on_first.wait_for(1)
                 await on_second.wait_for(1)
-                await eventually(lambda: _offline(first, ayu))  # stale, then auto-offline
-                async with db.transaction():
-                    await db.execute("SET LOCAL session_replication_role = replica")
-                    await db.execute(
-                        "UPDATE mitra_online_status SET is_online = false WHERE mitra_id = $1",
-                        budi,
-                    )
-                assert two.availability is not None
-                await two.availability.reconcile()
-                await on_first.wait_for(3)
-                await on_second.wait_for(3)
-                await asyncio.sleep(0.3)
-        finally:
-            beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
+            await eventually(lambda: _offline(first, ayu))  # stale, then auto-offline
+            async with db.transaction():
+                await db.execute("SET LOCAL session_replication_role = replica")
+                await db.execute(
+                    "UPDATE mitra_online_status SET is_online = false WHERE mitra_id = $1", budi
+                )
+            assert two.availability is not None
+            await two.availability.reconcile()
+            await on_first.wait_for(3)
+            await on_second.wait_for(3)
+            await asyncio.sleep(0.3)
+            await stack.aclose()
 
-    expected = [
-        (UNAVAILABLE, str(ayu), 0, pb.UNAVAILABLE_REASON_STALE),
-        (UNAVAILABLE, str(budi), 0, pb.UNAVAILABLE_REASON_OFFLINE),
-    ]
+    # Ayu leaves once: STALE from whichever expiry check ran first, or OFFLINE when an
+    # auto-offline sweep got there before any expiry check (a loaded machine).
+    ayu_left = on_first.changes()[0]
+    assert ayu_left[:3] == (UNAVAILABLE, str(ayu), 0)
+    assert ayu_left[3] in (pb.UNAVAILABLE_REASON_STALE, pb.UNAVAILABLE_REASON_OFFLINE)
+    expected = [ayu_left, (UNAVAILABLE, str(budi), 0, pb.UNAVAILABLE_REASON_OFFLINE)]
     assert on_first.changes() == expected
     assert on_second.changes() == expected
 
