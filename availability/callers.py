@@ -68,8 +68,18 @@ ANY_CALLER_METHODS = ("/grpc.reflection.",)
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 _CALLER_KEYS = frozenset(
-    {"token_sha256", "tls_identities", "scopes", "max_in_flight", "max_calls_per_second", "burst"}
+    {
+        "token_sha256",
+        "tls_identities",
+        "scopes",
+        "max_in_flight",
+        "max_calls_per_second",
+        "burst",
+        "bind_presence",
+    }
 )
+BIND_AUTH_SESSION = "auth_session"
+"""bind_presence's one value: the caller's presence calls carry the mitra's auth session."""
 RETRY_IN_FLIGHT_MS = 50
 """The retry hint past max_in_flight: a slot frees when one of the caller's calls ends."""
 
@@ -101,6 +111,9 @@ class Caller:
     token_digests: tuple[bytes, ...] = ()
     tls_identities: frozenset[str] = frozenset()
     limits: Limits = field(default_factory=Limits)
+    bind_presence: bool = False
+    """Its presence calls act for a mitra: each carries one of that mitra's live auth
+    sessions (sessions.py), so its token alone cannot move any other mitra."""
 
     def allows(self, method: str) -> bool:
         if ALL in self.scopes or method.startswith(ANY_CALLER_METHODS):
@@ -212,12 +225,16 @@ def _caller(where: str, name: str, spec: Any) -> Caller:
             raise CallersError(
                 f"{at}.scopes: unknown scope {scope[:32]!r}; known: {sorted(SCOPES)}"
             )
+    bind = spec.get("bind_presence")
+    if bind is not None and bind != BIND_AUTH_SESSION:
+        raise CallersError(f"{at}.bind_presence must be {BIND_AUTH_SESSION!r} (or absent)")
     return Caller(
         name=name,
         scopes=frozenset(scopes),
         token_digests=tuple(bytes.fromhex(d) for d in digests),
         tls_identities=frozenset(identities),
         limits=_limits(at, spec),
+        bind_presence=bind is not None,
     )
 
 

@@ -28,6 +28,7 @@ from .model import (
     MitraStatus,
     Source,
 )
+from .sessions import SessionGate
 from .settings import Settings
 from .truth import Truth
 from .watch import WatchHub
@@ -107,6 +108,8 @@ class Availability:
         self._beacon: Coalesced[None, AvailabilityCount] = Coalesced()
         self.dashboards: Coalesced[int, DashboardStats] = Coalesced()
         self.watch_hub = WatchHub(mirror, settings)
+        self.sessions = SessionGate(mirror, truth)
+        """Presence bound to mitras: whose auth sessions a bound caller's calls carry."""
 
     async def _read(
         self,
@@ -244,6 +247,9 @@ class Availability:
     def refused_invalid(self, count: int) -> None:
         """Heartbeats of a batch whose id is not a UUID (counted; a unary one is refused)."""
         Counters.bump(self.counters.heartbeats, "invalid_id", count)
+
+    def count_beats(self, beat: Beat, count: int) -> None:
+        Counters.bump(self.counters.heartbeats, beat.value, count)
 
     def _counted(self, beats: list[Beat]) -> list[Beat]:
         counter = self.counters.heartbeats

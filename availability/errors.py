@@ -27,6 +27,17 @@ class HeartbeatRefused(MitraDeactivated):
     """A deactivated mitra's app is still sending heartbeats: its credentials are void."""
 
 
+class SessionRefused(AvailabilityError):
+    """A caller bound to mitras' sessions (bind_presence) acted for a mitra without one of
+    that mitra's live auth sessions. Names the mitra, never the session sent."""
+
+    def __init__(self, mitra_id: object) -> None:
+        super().__init__(
+            f"mitra {mitra_id}: this caller's presence calls must carry a live auth session "
+            "of that mitra (metadata x-mitra-session; BatchHeartbeat: mitra_sessions)"
+        )
+
+
 class TruthUnavailable(AvailabilityError):
     """Postgres cannot be reached; no write can be acknowledged."""
 

@@ -36,6 +36,7 @@ import asyncpg
 from .domain import Availability
 from .errors import TruthUnavailable
 from .mirror import MIRROR_ERRORS
+from .mirror.sessions import ALL_SESSIONS
 from .truth import CHANGES_TAKEN, HEARTBEATS_FLUSHED
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class ChangeListener:
         self._availability = availability
         self._interval = availability.settings.change_poll_seconds
         self._pending: set[UUID] = set()
+        self._void: set[str] = set()
+        """Mitras whose auth sessions changed (or ALL_SESSIONS): the mirror's cached sessions
+        of theirs are voided before they are resynced, and kept here until that went through."""
         self.resyncs = 0
         self.heard = 0
         self._resyncing = False
@@ -75,7 +79,12 @@ class ChangeListener:
         mirror, _, ids = str(payload).partition("\n")
         if mirror and mirror == self._availability.mirror.identity:
             return
-        self._pending.update(UUID(i) for i in ids.split(",") if i)
+        for i in ids.split(","):
+            if i.startswith("!"):
+                i = i[1:]
+                self._void.add(i)
+            if i:
+                self._pending.add(UUID(i))
         self.heard += 1
 
     def _heard_flush(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
@@ -103,6 +112,9 @@ class ChangeListener:
                     await self._lead_load_poll(conn)
                     if self.reconcile_on_connect:
                         self.reconnects += 1
+                        # Sessions revoked meanwhile may be noted nowhere now (the change
+                        # table is unlogged: a failover empties it): vouch for none.
+                        self._void.add(ALL_SESSIONS)
                         await self._reconcile("change listener reconnected")
                     self.reconcile_on_connect = True
                     self.connected.set()
@@ -124,10 +136,12 @@ class ChangeListener:
                         if (since := self._flushed_since) is not None:
                             self._flushed_since = None
                             self._pending.update(await truth.heartbeats_since(conn, since))
-                        if taken := await truth.take_changes(_TAKE_BATCH, conn):
+                        taken, sessions = await truth.take_noted(_TAKE_BATCH, conn)
+                        if taken:
                             self._pending.update(taken)
+                            self._void.update(str(i) for i in sessions)
                             await truth.announce_changes(
-                                conn, self._availability.mirror.identity, taken
+                                conn, self._availability.mirror.identity, taken, sessions
                             )
                         more = await self._resync_pending()
                         # A whole round went through: only now is the failure behind us (an
@@ -194,10 +208,18 @@ class ChangeListener:
     @property
     def idle(self) -> bool:
         """Nothing taken is waiting to be resynced, nor being resynced."""
-        return not self._pending and not self._resyncing
+        return not self._pending and not self._resyncing and not self._void
 
     async def _resync_pending(self) -> bool:
-        """Resync what was taken; True when a full batch came (more may be waiting)."""
+        """Resync what was taken; True when a full batch came (more may be waiting). Auth
+        sessions changed are voided in the mirror first, and retried until they are."""
+        if self._void:
+            void = list(self._void)
+            try:
+                await self._availability.mirror.forget_sessions(void)
+                self._void.difference_update(void)
+            except MIRROR_ERRORS as exc:
+                log.debug("auth sessions of %d mitras not voided yet (%r)", len(void), exc)
         if not self._pending:
             return False
         ids = [self._pending.pop() for _ in range(min(_TAKE_BATCH, len(self._pending)))]

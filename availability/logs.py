@@ -35,14 +35,26 @@ class Request:
     that logs nothing and succeeds pays for no uuid. `caller` is who called
     (interceptors.Guard): a name from AUTH_CALLERS_FILE, ANONYMOUS without authentication,
     TOKEN_HOLDER for one of AUTH_TOKENS, UNIDENTIFIED while unknown; `admin` is whether that
-    caller has the admin scope (its presence changes are audited)."""
+    caller has the admin scope (its presence changes are audited); `bound` whether its presence
+    calls are bound to mitras' auth sessions."""
 
-    __slots__ = ("_id", "admin", "caller", "method", "mitra_id", "span_id", "trace_id")
+    __slots__ = (
+        "_id",
+        "admin",
+        "bound",
+        "caller",
+        "method",
+        "mitra_id",
+        "span_id",
+        "trace_id",
+    )
 
     def __init__(self, method: str, sent_id: str, traceparent: str, caller: str) -> None:
         self.method = method
         self.caller = caller
         self.admin = False
+        self.bound = False
+        """The caller's presence calls must carry the mitra's auth session (bind_presence)."""
         self._id = sent_id[:_CALLER_SENT]
         self.mitra_id = ""
         self.trace_id = self.span_id = ""

@@ -148,6 +148,8 @@ class Beat(enum.Enum):
     OFFLINE = "offline"
     DEACTIVATED = "deactivated"
     NOT_FOUND = "not_found"
+    SESSION_REFUSED = "session_refused"
+    """Not recorded: the caller acts for mitras and sent no live session of this one."""
 
 
 class ChangeKind(enum.Enum):

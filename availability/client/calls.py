@@ -21,7 +21,7 @@ from ..v1 import availability_pb2_grpc as pb_grpc
 from ..v1 import dashboard_pb2 as dashboard_pb
 from ..v1 import dashboard_pb2_grpc as dashboard_pb_grpc
 from . import replies
-from .heartbeats import Heartbeats
+from .heartbeats import SESSION_HEADER, Heartbeats
 from .live import LiveAvailability
 
 _SERVICES = ("availability.v1.AvailabilityService", "availability.v1.DashboardService")
@@ -125,28 +125,51 @@ class AvailabilityClient:
         name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         return name
 
-    async def set_online(self, mitra_id: UUID | str) -> MitraStatus:
+    def _acting(self, mitra_session: UUID | str | None) -> tuple[tuple[str, str], ...]:
+        if mitra_session is None:
+            return self._metadata
+        return (*self._metadata, (SESSION_HEADER, str(mitra_session)))
+
+    async def set_online(
+        self, mitra_id: UUID | str, *, mitra_session: UUID | str | None = None
+    ) -> MitraStatus:
+        """`mitra_session`: the mitra's auth session, which a caller whose presence calls are
+        bound to mitras (bind_presence) must send with every presence call."""
         request = pb.SetOnlineRequest(mitra_id=str(mitra_id))
-        reply = await self._stub.SetOnline(request, metadata=self._metadata)
+        reply = await self._stub.SetOnline(request, metadata=self._acting(mitra_session))
         return replies.status(reply.status)
 
-    async def set_offline(self, mitra_id: UUID | str) -> MitraStatus:
+    async def set_offline(
+        self, mitra_id: UUID | str, *, mitra_session: UUID | str | None = None
+    ) -> MitraStatus:
         request = pb.SetOfflineRequest(mitra_id=str(mitra_id))
-        reply = await self._stub.SetOffline(request, metadata=self._metadata)
+        reply = await self._stub.SetOffline(request, metadata=self._acting(mitra_session))
         return replies.status(reply.status)
 
-    async def heartbeat(self, mitra_id: UUID | str) -> bool:
+    async def heartbeat(
+        self, mitra_id: UUID | str, *, mitra_session: UUID | str | None = None
+    ) -> bool:
         """False: the mitra was taken offline; its app must call set_online again. Sent with
         the other heartbeats of the window in one BatchHeartbeat; the answer and the error
-        (PERMISSION_DENIED for a deactivated mitra) are what a lone Heartbeat would give."""
+        (PERMISSION_DENIED for a deactivated mitra, or a session refused) are what a lone
+        Heartbeat would give."""
+        session = None if mitra_session is None else str(mitra_session)
         if self._heartbeats is not None:
-            return await self._heartbeats.beat(str(mitra_id))
+            return await self._heartbeats.beat(str(mitra_id), session)
         request = pb.HeartbeatRequest(mitra_id=str(mitra_id))
-        return (await self._stub.Heartbeat(request, metadata=self._metadata)).online
+        return (await self._stub.Heartbeat(request, metadata=self._acting(session))).online
 
-    async def batch_heartbeat(self, mitra_ids: Iterable[UUID | str]) -> list[pb.HeartbeatResult]:
-        """One BatchHeartbeat: a result an id, in order (a relay that batches by itself)."""
-        request = pb.BatchHeartbeatRequest(mitra_ids=[str(m) for m in mitra_ids])
+    async def batch_heartbeat(
+        self,
+        mitra_ids: Iterable[UUID | str],
+        mitra_sessions: Iterable[UUID | str] | None = None,
+    ) -> list[pb.HeartbeatResult]:
+        """One BatchHeartbeat: a result an id, in order (a relay that batches by itself);
+        `mitra_sessions`, one an id, for a caller bound to mitras' sessions."""
+        request = pb.BatchHeartbeatRequest(
+            mitra_ids=[str(m) for m in mitra_ids],
+            mitra_sessions=[str(s) for s in mitra_sessions or ()],
+        )
         return list((await self._stub.BatchHeartbeat(request, metadata=self._metadata)).results)
 
     async def set_mitra_active(self, mitra_id: UUID | str, active: bool) -> tuple[MitraStatus, int]:

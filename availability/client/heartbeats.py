@@ -11,12 +11,19 @@ import grpc
 
 from ..v1 import availability_pb2 as pb
 
+SESSION_HEADER = "x-mitra-session"
+"""Where a bound caller's unary presence calls carry the mitra's auth session."""
+
 if TYPE_CHECKING:
     from ..v1.availability_pb2_grpc import AvailabilityServiceAsyncStub
 
 _Result = pb.HeartbeatResult
 _REFUSED = {
     _Result.OUTCOME_DEACTIVATED: (grpc.StatusCode.PERMISSION_DENIED, "mitra {} is deactivated"),
+    _Result.OUTCOME_SESSION_REFUSED: (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "mitra {}: this caller's presence calls must carry a live auth session of that mitra",
+    ),
     _Result.OUTCOME_NOT_FOUND: (grpc.StatusCode.NOT_FOUND, "mitra {} not found"),
 }
 
@@ -37,20 +44,20 @@ class Heartbeats:
         self._metadata = metadata
         self._window = window
         self._batch = batch
-        self._waiting: list[tuple[str, asyncio.Future[bool]]] = []
+        self._waiting: list[tuple[str, str | None, asyncio.Future[bool]]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self._unary = False
         self.calls = 0
         """BatchHeartbeat calls sent (fewer than heartbeats under load)."""
 
-    async def beat(self, mitra_id: str) -> bool:
+    async def beat(self, mitra_id: str, session: str | None = None) -> bool:
         if self._unary:
             request = pb.HeartbeatRequest(mitra_id=mitra_id)
-            return (await self._stub.Heartbeat(request, metadata=self._metadata)).online
+            return (await self._stub.Heartbeat(request, metadata=self._acting(session))).online
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
-        self._waiting.append((mitra_id, future))
+        self._waiting.append((mitra_id, session, future))
         if len(self._waiting) >= self._batch:
             self._send()
         elif self._timer is None:
@@ -73,26 +80,33 @@ class Heartbeats:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _answer(self, waiting: list[tuple[str, asyncio.Future[bool]]]) -> None:
-        request = pb.BatchHeartbeatRequest(mitra_ids=[mitra_id for mitra_id, _ in waiting])
+    def _acting(self, session: str | None) -> tuple[tuple[str, str], ...]:
+        return self._metadata if session is None else (*self._metadata, (SESSION_HEADER, session))
+
+    async def _answer(self, waiting: list[tuple[str, str | None, asyncio.Future[bool]]]) -> None:
+        # Sessions go along when any heartbeat of the window has one (a bound caller's do).
+        sessions = [s or "" for _, s, _ in waiting] if any(s for _, s, _ in waiting) else []
+        request = pb.BatchHeartbeatRequest(
+            mitra_ids=[mitra_id for mitra_id, _, _ in waiting], mitra_sessions=sessions
+        )
         self.calls += 1
         try:
             reply = await self._stub.BatchHeartbeat(request, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self._unary = True
-                await asyncio.gather(*(self._alone(m, f) for m, f in waiting))
+                await asyncio.gather(*(self._alone(m, s, f) for m, s, f in waiting))
                 return
-            for _, future in waiting:
+            for _, _, future in waiting:
                 if not future.done():
                     future.set_exception(_copy(exc))
             return
         except BaseException as exc:  # cancelled with the loop, or a bug: no waiter hangs
-            for _, future in waiting:
+            for _, _, future in waiting:
                 if not future.done():
                     future.set_exception(exc)
             raise
-        for (mitra_id, future), result in zip(waiting, reply.results, strict=True):
+        for (mitra_id, _, future), result in zip(waiting, reply.results, strict=True):
             if future.done():
                 continue
             if result.outcome in (_Result.OUTCOME_RECORDED, _Result.OUTCOME_OFFLINE):
@@ -110,10 +124,12 @@ class Heartbeats:
                     )
                 )
 
-    async def _alone(self, mitra_id: str, future: asyncio.Future[bool]) -> None:
+    async def _alone(
+        self, mitra_id: str, session: str | None, future: asyncio.Future[bool]
+    ) -> None:
         request = pb.HeartbeatRequest(mitra_id=mitra_id)
         try:
-            online = (await self._stub.Heartbeat(request, metadata=self._metadata)).online
+            online = (await self._stub.Heartbeat(request, metadata=self._acting(session))).online
         except grpc.aio.AioRpcError as exc:
             if not future.done():
                 future.set_exception(exc)

@@ -19,6 +19,7 @@ from ..errors import (
     LimitReached,
     MitraDeactivated,
     MitraNotFound,
+    SessionRefused,
     TruthUnavailable,
     WatchInterrupted,
 )
@@ -31,6 +32,7 @@ _CODES: tuple[tuple[type[AvailabilityError], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (MitraNotFound, grpc.StatusCode.NOT_FOUND),
     (HeartbeatRefused, grpc.StatusCode.PERMISSION_DENIED),
+    (SessionRefused, grpc.StatusCode.PERMISSION_DENIED),
     (MitraDeactivated, grpc.StatusCode.FAILED_PRECONDITION),
     (TruthUnavailable, grpc.StatusCode.UNAVAILABLE),
     (AuditUnwritten, grpc.StatusCode.UNAVAILABLE),

@@ -95,6 +95,10 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if request is not None:
                 request.caller = caller.name
                 request.admin = named and caller.admin
+                request.bound = caller.bind_presence
+            elif caller.bind_presence and scope_of(method) == "presence":
+                # Nowhere to say the call is bound: refuse rather than let it act for anyone.
+                await abort(context, grpc.StatusCode.PERMISSION_DENIED, "presence call unbound")
             if not caller.allows(method):
                 await abort(
                     context,

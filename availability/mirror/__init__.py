@@ -4,7 +4,8 @@ To its callers the mirror is one object over one client, one breaker and one set
 it is built from one part a concern, each in its own module with the scripts it runs
 (lua/): keys, connection (the client and its breaker), trust (may the mirror be read, and
 seeding), mitras (what the RPCs read, and the truth's writes), heartbeats, changes (the
-stream the watch follows) and deployment (leases, sweeps, instances).
+stream the watch follows), deployment (leases, sweeps, instances) and sessions (presence
+binding's cache of auth sessions).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .deployment import Deployment, DeploymentMixin
 from .heartbeats import HeartbeatMixin, HeartbeatOutcome
 from .keys import Keys
 from .mitras import MitraMixin
+from .sessions import SessionCheck, SessionsMixin
 from .trust import LAYOUT_LIVE_SECONDS, Trust, TrustCheck
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "MirrorDown",
     "MirrorMiss",
     "MirrorUntrusted",
+    "SessionCheck",
     "Trust",
     "TrustCheck",
     "connect_valkey",
@@ -44,7 +47,7 @@ __all__ = [
 ]
 
 
-class Mirror(MitraMixin, HeartbeatMixin, DeploymentMixin, ChangesMixin):
+class Mirror(MitraMixin, HeartbeatMixin, DeploymentMixin, ChangesMixin, SessionsMixin):
     """Reads and writes of the availability mirror; each call is one round trip."""
 
     async def close(self) -> None:

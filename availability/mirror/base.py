@@ -5,6 +5,7 @@ through `_run`, so that every call counts for or against the breaker.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -47,9 +48,13 @@ class MirrorBase:
         return self.client.register_script(_script(name, layout=self.layout if prelude else 0))
 
     async def _run(self, script: Any, *args: object) -> Any:
+        return await self._run_with(script, (), args)
+
+    async def _run_with(self, script: Any, keys: Sequence[str], args: Sequence[object]) -> Any:
+        """A script on the whole mirror's keys (as the prelude names them) and then its own."""
         self.breaker.check()
         try:
-            reply = await script(keys=self._all_keys, args=list(args))
+            reply = await script(keys=[*self._all_keys, *keys], args=list(args))
         except BaseException as exc:
             self.breaker.judge(exc)
             raise

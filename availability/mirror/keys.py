@@ -37,6 +37,7 @@ class Keys:
     seeding: str
     layouts: str
     resync: str
+    session_epochs: str
     prefix: str
 
     @classmethod
@@ -68,8 +69,13 @@ class Keys:
             seeding=f"{tag}:seeding",
             layouts=f"{tag}:layouts",
             resync=f"{tag}:resync",
+            session_epochs=f"{tag}:sessions:epochs",
             prefix=tag,
         )
+
+    def session(self, session_id: str) -> str:
+        """A mitra's auth session as presence binding last found it live (sessions.py)."""
+        return f"{self.prefix}:session:{session_id}"
 
     def lease(self, name: str) -> list[str]:
         return [f"{self.prefix}:lease:{name}", f"{self.prefix}:lease:{name}:epoch"]

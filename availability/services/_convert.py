@@ -42,6 +42,7 @@ OUTCOMES = {
     Beat.OFFLINE: _Result.OUTCOME_OFFLINE,
     Beat.DEACTIVATED: _Result.OUTCOME_DEACTIVATED,
     Beat.NOT_FOUND: _Result.OUTCOME_NOT_FOUND,
+    Beat.SESSION_REFUSED: _Result.OUTCOME_SESSION_REFUSED,
 }
 REASONS = {
     None: pb.UNAVAILABLE_REASON_UNSPECIFIED,
@@ -71,12 +72,19 @@ def valid_mitra_id(value: str) -> UUID | None:
 
 
 def heartbeat_results(
-    values: Sequence[str], ids: Sequence[UUID | None], beats: dict[UUID, Beat]
+    values: Sequence[str],
+    ids: Sequence[UUID | None],
+    beats: dict[UUID, Beat],
+    refused: Sequence[bool] = (),
 ) -> list[pb.HeartbeatResult]:
+    """One result an entry; `refused`: the entries whose session a bound caller's batch
+    did not vouch for."""
     results = []
-    for value, mitra_id in zip(values, ids, strict=True):
+    for at, (value, mitra_id) in enumerate(zip(values, ids, strict=True)):
         if mitra_id is None:
             results.append(_Result(mitra_id=value, outcome=_Result.OUTCOME_INVALID_ID))
+        elif refused and refused[at]:
+            results.append(_Result(mitra_id=value, outcome=_Result.OUTCOME_SESSION_REFUSED))
         else:
             beat = beats[mitra_id]
             results.append(

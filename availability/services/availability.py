@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import grpc
 
 from ..domain import Availability
-from ..errors import InvalidArgument
-from ..model import AvailabilitySnapshot
+from ..errors import InvalidArgument, SessionRefused
+from ..logs import current
+from ..model import AvailabilitySnapshot, Beat
+from ..sessions import SESSION_HEADER
 from ..v1 import availability_pb2 as pb
 from ..v1 import availability_pb2_grpc as pb_grpc
 from . import _convert as convert
@@ -27,22 +30,41 @@ class AvailabilityService(pb_grpc.AvailabilityServiceServicer):
         self._availability = availability
         self._snapshot_parts: tuple[int, list[pb.WatchAvailableMitrasResponse]] = (-1, [])
 
+    async def _acts_for(self, mitra_id: UUID, context: Context) -> None:
+        """A caller bound to mitras' sessions (bind_presence) must carry this mitra's."""
+        call = current.get()
+        if call is None or not call.bound:
+            return
+        session = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == SESSION_HEADER:
+                session = value if isinstance(value, str) else value.decode(errors="replace")
+        (refused,) = await self._availability.sessions.refused([(mitra_id, session.strip())])
+        if refused:
+            raise SessionRefused(mitra_id)
+
     async def SetOnline(
         self, request: pb.SetOnlineRequest, context: Context
     ) -> pb.SetOnlineResponse:
-        status = await self._availability.set_online(convert.mitra_id(request.mitra_id))
+        mitra_id = convert.mitra_id(request.mitra_id)
+        await self._acts_for(mitra_id, context)
+        status = await self._availability.set_online(mitra_id)
         return pb.SetOnlineResponse(status=convert.status(status))
 
     async def SetOffline(
         self, request: pb.SetOfflineRequest, context: Context
     ) -> pb.SetOfflineResponse:
-        status = await self._availability.set_offline(convert.mitra_id(request.mitra_id))
+        mitra_id = convert.mitra_id(request.mitra_id)
+        await self._acts_for(mitra_id, context)
+        status = await self._availability.set_offline(mitra_id)
         return pb.SetOfflineResponse(status=convert.status(status))
 
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: Context
     ) -> pb.HeartbeatResponse:
-        online = await self._availability.heartbeat(convert.mitra_id(request.mitra_id))
+        mitra_id = convert.mitra_id(request.mitra_id)
+        await self._acts_for(mitra_id, context)
+        online = await self._availability.heartbeat(mitra_id)
         return pb.HeartbeatResponse(online=online)
 
     async def BatchHeartbeat(
@@ -54,14 +76,45 @@ class AvailabilityService(pb_grpc.AvailabilityServiceServicer):
                 "mitra_ids", f"at most {convert.MAX_BATCH_HEARTBEATS} ids, got {len(values)}"
             )
         ids = [convert.valid_mitra_id(v) for v in values]
-        distinct = list(dict.fromkeys(i for i in ids if i is not None))
+        refused = await self._refused_entries(request, ids)
+        distinct = list(
+            dict.fromkeys(i for at, i in enumerate(ids) if i is not None and not refused[at])
+        )
         beats = await self._availability.heartbeats(distinct) if distinct else []
         invalid = ids.count(None)
         if invalid:
             self._availability.refused_invalid(invalid)
         return pb.BatchHeartbeatResponse(
-            results=convert.heartbeat_results(values, ids, dict(zip(distinct, beats, strict=True)))
+            results=convert.heartbeat_results(
+                values, ids, dict(zip(distinct, beats, strict=True)), refused
+            )
         )
+
+    async def _refused_entries(
+        self, request: pb.BatchHeartbeatRequest, ids: list[UUID | None]
+    ) -> list[bool]:
+        """For a caller bound to mitras' sessions: the entries whose session (mitra_sessions,
+        one an entry) is not a live session of that entry's mitra."""
+        call = current.get()
+        if call is None or not call.bound:
+            return [False] * len(ids)
+        sessions = request.mitra_sessions
+        if len(sessions) != len(ids):
+            raise InvalidArgument(
+                "mitra_sessions",
+                f"this caller's heartbeats act for mitras: one auth session per mitra_ids "
+                f"entry, in order (got {len(sessions)} for {len(ids)} ids)",
+            )
+        asked = [(at, i) for at, i in enumerate(ids) if i is not None]
+        verdicts = await self._availability.sessions.refused(
+            [(i, sessions[at].strip()) for at, i in asked]
+        )
+        refused = [False] * len(ids)
+        for (at, _), verdict in zip(asked, verdicts, strict=True):
+            refused[at] = verdict
+        if any(refused):
+            self._availability.count_beats(Beat.SESSION_REFUSED, sum(refused))
+        return refused
 
     async def SetMitraActive(
         self, request: pb.SetMitraActiveRequest, context: Context

@@ -17,8 +17,9 @@ from .following import CHANGES_TAKEN as CHANGES_TAKEN
 from .following import HEARTBEATS_FLUSHED as HEARTBEATS_FLUSHED
 from .following import Following
 from .grants import Grants
+from .sessions import AuthSessions
 from .upkeep import Upkeep
 
 
-class Truth(Contract, Following, Dashboard, Auditing, Upkeep, Grants):
+class Truth(Contract, Following, Dashboard, Auditing, Upkeep, Grants, AuthSessions):
     """The Postgres store: contract tables, migrations, and the queries over them."""

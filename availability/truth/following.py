@@ -52,7 +52,7 @@ _ANNOUNCED_IDS = 180
 _TAKE_CHANGES = """
 DELETE FROM availability_changes
 WHERE ctid = ANY(ARRAY(SELECT ctid FROM availability_changes LIMIT $1 FOR UPDATE SKIP LOCKED))
-RETURNING mitra_id
+RETURNING mitra_id, sessions
 """
 
 
@@ -74,10 +74,18 @@ class Following(TruthBase):
         """Up to `limit` mitras the triggers noted as changed, removed as they are taken: the
         caller resyncs them (a resync is idempotent and fenced by read time, so a change
         taken twice, or by two instances, does no harm)."""
+        return (await self.take_noted(limit, conn))[0]
+
+    async def take_noted(
+        self, limit: int, conn: _Connectionish | None = None
+    ) -> tuple[list[UUID], list[UUID]]:
+        """take_changes, and which of those mitras' auth sessions changed (0013)."""
         if conn is not None:
-            return [r[0] for r in await conn.fetch(_TAKE_CHANGES, limit)]
-        async with self._connection() as pooled:
-            return [r[0] for r in await pooled.fetch(_TAKE_CHANGES, limit)]
+            rows = await conn.fetch(_TAKE_CHANGES, limit)
+        else:
+            async with self._connection() as pooled:
+                rows = await pooled.fetch(_TAKE_CHANGES, limit)
+        return [r[0] for r in rows], [r[0] for r in rows if r[1]]
 
     async def announce_flush(self, mirror: str, since_ms: int) -> None:
         """After a heartbeat flush: its earliest time, for the instances on other mirrors."""
@@ -91,12 +99,17 @@ class Following(TruthBase):
         return [r[0] for r in await conn.fetch(_HEARTBEATS_SINCE, since_ms)]
 
     async def announce_changes(
-        self, conn: _Connectionish, mirror: str, mitra_ids: Sequence[UUID]
+        self,
+        conn: _Connectionish,
+        mirror: str,
+        mitra_ids: Sequence[UUID],
+        sessions: Sequence[UUID] = (),
     ) -> None:
         """Tell every instance which changes this one took (CHANGES_TAKEN), so those on
-        another mirror resync them too. From the service's own connection: the chat backend's
-        transactions never notify."""
-        ids = [str(i) for i in mitra_ids]
+        another mirror resync them too; an id whose auth sessions changed is marked `!`.
+        From the service's own connection: the chat backend's transactions never notify."""
+        voided = set(sessions)
+        ids = [f"!{i}" if i in voided else str(i) for i in mitra_ids]
         for at in range(0, len(ids), _ANNOUNCED_IDS):
             await conn.execute(
                 "SELECT pg_notify($1, $2)",
