@@ -184,21 +184,22 @@ class Availability:
         )
 
     async def set_online(self, mitra_id: UUID) -> MitraStatus:
-        state, now = await self.truth.set_online(mitra_id, _audit("set_online"))
-        await self._mirror("set_online", [state])
-        return self._status_from_truth(state, now)
+        written = await self.truth.set_online(mitra_id, _audit("set_online"))
+        changed("set_online", mitra_id, written.was_online, written.state.online)
+        await self._mirror("set_online", [written.state])
+        return self._status_from_truth(written.state, written.now)
 
     async def set_offline(self, mitra_id: UUID) -> MitraStatus:
-        state, now = await self.truth.set_offline(mitra_id, _audit("set_offline"))
-        await self._mirror("set_offline", [state])
-        return self._status_from_truth(state, now)
+        written = await self.truth.set_offline(mitra_id, _audit("set_offline"))
+        changed("set_offline", mitra_id, written.was_online, written.state.online)
+        await self._mirror("set_offline", [written.state])
+        return self._status_from_truth(written.state, written.now)
 
     async def set_active(self, mitra_id: UUID, active: bool) -> tuple[MitraStatus, int]:
-        state, now, revoked = await self.truth.set_active(
-            mitra_id, active, _audit("set_active", always=True)
-        )
-        await self._mirror("set_active", [state])
-        return self._status_from_truth(state, now), revoked
+        written = await self.truth.set_active(mitra_id, active, _audit("set_active", always=True))
+        changed("set_active", mitra_id, written.was_online, written.state.online)
+        await self._mirror("set_active", [written.state])
+        return self._status_from_truth(written.state, written.now), written.revoked
 
     async def heartbeat(self, mitra_id: UUID) -> bool:
         """True while the mitra is online; a deactivated or unknown mitra raises."""
@@ -358,6 +359,34 @@ class Availability:
             drift += Drift(forgotten=forgotten)
         await self.mirror.finish_seed(identity)
         return count, drift
+
+
+changes_log = logging.getLogger("availability.changes")
+
+
+def changed(action: str, mitra_id: UUID, before: bool, after: bool, by: str = "") -> None:
+    """Every change of a mitra's presence is attributable: one INFO line with who made it
+    (the caller, or the sweep), which mitra, online before and after, and the request id
+    (the log line's context). The audit table keeps the admin changes (README: why not all)."""
+    request = current.get()
+    who = by or (request.caller if request is not None else UNIDENTIFIED)
+    changes_log.info(
+        "%s: mitra %s online %s -> %s by %s",
+        action,
+        mitra_id,
+        str(before).lower(),
+        str(after).lower(),
+        who,
+        extra={
+            "event": "presence_changed",
+            "action": action,
+            "changed_mitra": str(mitra_id),
+            "online_before": before,
+            "online_after": after,
+            "changed_by": who,
+            "request_id": request.id if request is not None else None,
+        },
+    )
 
 
 def _audit(action: str, *, always: bool = False) -> Audit | None:

@@ -22,11 +22,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .domain import STORE_ERRORS, Availability
+from .domain import STORE_ERRORS, Availability, changed
 from .errors import TruthUnavailable
 from .mirror import MIRROR_ERRORS, Trust
 from .model import AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE, SWEEPS, Drift
 from .tasks import cancel_and_wait
+
+AUTO_OFFLINE_BY = "auto-offline sweep"
+"""Who the presence-changed event names for a mitra the sweep took offline."""
 
 __all__ = ["AUTO_OFFLINE", "HEARTBEAT_FLUSH", "RECONCILE", "SWEEPS", "Sweeps"]
 
@@ -229,6 +232,8 @@ class Sweeps:
         await availability.resync([*offline, *kept])
         if offline:
             log.info("auto-offline: %d stale mitras taken offline", len(offline))
+            for mitra_id in offline:
+                changed("auto_offline", mitra_id, True, False, by=AUTO_OFFLINE_BY)
         if kept:
             self._details.setdefault(AUTO_OFFLINE, {})["kept_by_postgres"] = len(kept)
         return len(offline)

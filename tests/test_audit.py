@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -295,3 +296,30 @@ async def test_availability_audit_lists_changes_by_mitra_and_time(
     assert bad_mitra.returncode == 2 and "--mitra" in bad_mitra.stderr
     for run in (bad_since, bad_mitra):
         assert "Traceback" not in run.stderr
+
+
+async def test_every_presence_change_is_one_info_event_with_who_before_after_and_request(
+    stub: Stub, audit: asyncpg.Connection, fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only the audited ones: a presence caller's changes and the sweep's are logged."""
+    mitra = await fleet.mitra()
+    caplog.set_level(logging.INFO, logger="availability.changes")
+    await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)), metadata=as_caller(APP, "on-1"))
+    await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)), metadata=as_caller(APP, "on-2"))
+    await stub.SetOffline(
+        pb.SetOfflineRequest(mitra_id=str(mitra)), metadata=as_caller(OPERATOR, "off-1")
+    )
+    events = [
+        (r.action, r.changed_mitra, r.online_before, r.online_after, r.changed_by, r.request_id)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if getattr(r, "event", None) == "presence_changed"
+    ]
+    assert events == [
+        ("set_online", str(mitra), False, True, "mitra-app", "on-1"),
+        ("set_online", str(mitra), True, True, "mitra-app", "on-2"),
+        ("set_offline", str(mitra), True, False, "ops-console", "off-1"),
+    ]
+    assert all(
+        r.levelno == logging.INFO for r in caplog.records if r.name == "availability.changes"
+    )
+    assert len(await rows(audit)) == 1, "the audit table keeps the admin caller's change only"

@@ -4,6 +4,7 @@ idempotency and monotonicity, reconcile healing every kind of drift, leases and 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import replace
@@ -16,7 +17,7 @@ import redis.asyncio as redis
 from availability.mirror import Keys
 from availability.server import Server, running
 from availability.settings import Settings
-from availability.sweeps import AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE, Sweeps
+from availability.sweeps import AUTO_OFFLINE, AUTO_OFFLINE_BY, HEARTBEAT_FLUSH, RECONCILE, Sweeps
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
@@ -65,6 +66,30 @@ async def test_auto_offline_takes_stale_mitras_offline_in_both_stores(
     heartbeat = await stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(stale)))
     assert not heartbeat.online, "the app learns it was taken offline"
     assert sweeps_of(server).report.of(AUTO_OFFLINE).affected == 1
+
+
+async def test_the_auto_offline_sweep_logs_each_mitra_it_takes_offline(
+    server: Server,
+    stub: Stub,
+    fleet: Fleet,
+    valkey: redis.Redis,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    keys = Keys.for_prefix(server.settings.valkey_key_prefix)
+    stale = await fleet.mitra("Stale")
+    await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(stale)))
+    await make_stale(valkey, db, keys, stale)
+    caplog.set_level(logging.INFO, logger="availability.changes")
+
+    assert await tick(server, AUTO_OFFLINE)
+
+    events = [
+        (r.action, r.changed_mitra, r.online_before, r.online_after, r.changed_by)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if getattr(r, "event", None) == "presence_changed"
+    ]
+    assert events == [("auto_offline", str(stale), True, False, AUTO_OFFLINE_BY)]
 
 
 async def test_auto_offline_aborts_when_valkey_errors(

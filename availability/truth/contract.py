@@ -5,6 +5,7 @@ heartbeats, finds and counts; with the sweeps' writes, auto-offline and the hear
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
@@ -43,25 +44,40 @@ LEFT JOIN (
 ) l ON l.mitra_id = m.id
 """
 
+# `was` locks the mitra's status row, so what it read is what the change changed (the
+# attributable event's "before"), as the audit's before is. The upsert reads it, so it runs
+# first: a row this very statement had already updated would be invisible to its lock.
 _SET_ONLINE = """
 WITH m AS (SELECT id, is_active FROM mitras WHERE id = $1 FOR UPDATE),
+was AS (
+    SELECT s.is_online FROM mitra_online_status s
+    WHERE s.mitra_id = $1 AND EXISTS (SELECT FROM m)
+    FOR UPDATE
+),
 up AS (
     INSERT INTO mitra_online_status AS s
         (mitra_id, is_online, last_heartbeat_at, updated_at, version)
-    SELECT id, true, now(), now(), 1 FROM m WHERE is_active
+    SELECT id, true, now(), now(), 1 FROM m WHERE is_active AND (SELECT count(*) FROM was) >= 0
     ON CONFLICT (mitra_id) DO UPDATE
         SET is_online = true, last_heartbeat_at = now(), updated_at = now(),
             version = s.version + 1
     RETURNING 1
 )
-SELECT m.is_active, (SELECT count(*) FROM up) AS written FROM m
+SELECT m.is_active, (SELECT count(*) FROM up) AS written,
+    coalesce((SELECT is_online FROM was), false) AS was_online
+FROM m
 """
 
 _UPSERT_STATUS = """
-INSERT INTO mitra_online_status AS s (mitra_id, is_online, updated_at, version)
-VALUES ($1, false, now(), 1)
-ON CONFLICT (mitra_id) DO UPDATE
-    SET is_online = s.is_online AND $2, updated_at = now(), version = s.version + 1
+WITH was AS (SELECT is_online FROM mitra_online_status WHERE mitra_id = $1 FOR UPDATE),
+up AS (
+    INSERT INTO mitra_online_status AS s (mitra_id, is_online, updated_at, version)
+    SELECT $1, false, now(), 1 WHERE (SELECT count(*) FROM was) >= 0
+    ON CONFLICT (mitra_id) DO UPDATE
+        SET is_online = s.is_online AND $2, updated_at = now(), version = s.version + 1
+    RETURNING 1
+)
+SELECT coalesce((SELECT is_online FROM was), false) AS was_online, (SELECT count(*) FROM up)
 """
 
 _REVOKE_AUTH_SESSIONS = """
@@ -185,38 +201,29 @@ class Contract(Auditing):
             while rows := await cursor.fetch(batch):
                 yield [_state(r) for r in rows]
 
-    async def set_online(
-        self, mitra_id: UUID, audit: Audit | None = None
-    ) -> tuple[MitraState, datetime]:
+    async def set_online(self, mitra_id: UUID, audit: Audit | None = None) -> Written:
         """Online, and counted as a heartbeat; the mitras row lock orders it with deactivation."""
 
-        async def change(conn: _Connectionish) -> int:
+        async def change(conn: _Connectionish) -> tuple[int, bool]:
             row = await conn.fetchrow(_SET_ONLINE, mitra_id)
             if row is None:
                 raise MitraNotFound(mitra_id)
             if not row["is_active"]:
                 raise MitraDeactivated(mitra_id)
-            return 0
+            return 0, row["was_online"]
 
-        state, now, _ = await self._write(mitra_id, change, audit)
-        return state, now
+        return await self._write(mitra_id, change, audit)
 
-    async def set_offline(
-        self, mitra_id: UUID, audit: Audit | None = None
-    ) -> tuple[MitraState, datetime]:
-        async def change(conn: _Connectionish) -> int:
+    async def set_offline(self, mitra_id: UUID, audit: Audit | None = None) -> Written:
+        async def change(conn: _Connectionish) -> tuple[int, bool]:
             if not await conn.fetchval("SELECT true FROM mitras WHERE id = $1", mitra_id):
                 raise MitraNotFound(mitra_id)
-            await conn.execute(_UPSERT_STATUS, mitra_id, False)
-            return 0
+            return 0, await conn.fetchval(_UPSERT_STATUS, mitra_id, False)
 
-        state, now, _ = await self._write(mitra_id, change, audit)
-        return state, now
+        return await self._write(mitra_id, change, audit)
 
-    async def set_active(
-        self, mitra_id: UUID, active: bool, audit: Audit | None = None
-    ) -> tuple[MitraState, datetime, int]:
-        async def change(conn: _Connectionish) -> int:
+    async def set_active(self, mitra_id: UUID, active: bool, audit: Audit | None = None) -> Written:
+        async def change(conn: _Connectionish) -> tuple[int, bool]:
             found = await conn.fetchval(
                 "UPDATE mitras SET is_active = $2 WHERE id = $1 RETURNING true", mitra_id, active
             )
@@ -225,8 +232,7 @@ class Contract(Auditing):
             revoked = 0
             if not active:
                 revoked = _row_count(await conn.execute(_REVOKE_AUTH_SESSIONS, mitra_id))
-            await conn.execute(_UPSERT_STATUS, mitra_id, active)
-            return revoked
+            return revoked, await conn.fetchval(_UPSERT_STATUS, mitra_id, active)
 
         return await self._write(mitra_id, change, audit)
 
@@ -288,21 +294,32 @@ class Contract(Auditing):
     async def _write(
         self,
         mitra_id: UUID,
-        change: Callable[[_Connectionish], Awaitable[int]],
+        change: Callable[[_Connectionish], Awaitable[tuple[int, bool]]],
         audit: Audit | None = None,
-    ) -> tuple[MitraState, datetime, int]:
+    ) -> Written:
         """One write in one transaction, with its audit row when audited; `change` returns
-        the auth sessions it revoked."""
+        the auth sessions it revoked and whether the mitra was online before."""
         async with self._connection() as conn, conn.transaction():
             before = await conn.fetchrow(_AUDIT_BEFORE, mitra_id) if audit else None
-            revoked = await change(conn)
+            revoked, was_online = await change(conn)
             rows = await conn.fetch(_STATES_BY_ID, [mitra_id])
             now = await conn.fetchval(_NOW)
             if audit is not None and before is not None and rows:
                 await self._audit(conn, audit, mitra_id, before, _state(rows[0]), revoked)
         if not rows:
             raise MitraNotFound(mitra_id)
-        return _state(rows[0]), now, revoked
+        return Written(_state(rows[0]), now, revoked, was_online)
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a write of a mitra's state left: the state, the database's clock, the auth
+    sessions it revoked, and whether the mitra was online before it (its event's before)."""
+
+    state: MitraState
+    now: datetime
+    revoked: int
+    was_online: bool
 
 
 def _row_count(status: str) -> int:
