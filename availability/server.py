@@ -140,14 +140,22 @@ class Server:
         guard = None
         if settings.auth_callers_file:
             self.callers = Callers(settings.auth_callers_file)
-            guard = Guard(self.callers, tls=settings.mutual_tls)
+            guard = Guard(
+                self.callers,
+                tls=settings.mutual_tls,
+                peer_refusals=settings.auth_refusals_per_peer_per_second,
+            )
             self._tasks.append(
                 asyncio.create_task(
                     self.callers.watch(settings.auth_callers_poll_seconds), name="callers-file"
                 )
             )
         elif settings.auth_tokens:
-            guard = Guard.of_tokens(settings.auth_tokens, tls=False)
+            guard = Guard.of_tokens(
+                settings.auth_tokens,
+                tls=False,
+                peer_refusals=settings.auth_refusals_per_peer_per_second,
+            )
         if guard is not None:
             interceptors.insert(0, guard)
         self.metrics = Metrics(self)

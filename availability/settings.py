@@ -59,6 +59,7 @@ class Settings:
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)
     auth_callers_file: str = ""
     auth_callers_poll_seconds: float = 1.0
+    auth_refusals_per_peer_per_second: float = 20.0
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
@@ -132,6 +133,11 @@ class Settings:
                 raise SettingsError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
         if not 0 < self.mass_stale_share <= 1:
             raise SettingsError(f"MASS_STALE_SHARE must be in (0, 1], got {self.mass_stale_share}")
+        if self.auth_refusals_per_peer_per_second < 0:
+            raise SettingsError(
+                "AUTH_REFUSALS_PER_PEER_PER_SECOND must be >= 0 (0: no limit), got "
+                f"{self.auth_refusals_per_peer_per_second}"
+            )
         if self.mass_stale_min < 0:
             raise SettingsError(f"MASS_STALE_MIN must be >= 0, got {self.mass_stale_min}")
         for name in ("grpc_max_connection_age_seconds", "grpc_max_connection_age_grace_seconds"):

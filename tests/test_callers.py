@@ -682,7 +682,8 @@ async def test_refused_credentials_are_logged_once_a_second_with_their_count(
     ):
         for _ in range(200):
             refused = await call(channel, "CountAvailableMitras", bearer("not-a-token"))
-            assert refused[0] == UNAUTHENTICATED
+            # Past the peer's budget of refusals: told to back off (the next test).
+            assert refused[0] in (UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED)
     shown = [json.loads(line) for line in logged.lines]
     about = [
         line["message"]
@@ -691,6 +692,42 @@ async def test_refused_credentials_are_logged_once_a_second_with_their_count(
     ]
     assert 1 <= len(about) <= 3, about  # one a second (with the count), not one a call
     assert "missing or unknown credentials" in about[0]
+
+
+async def test_a_peer_past_its_budget_of_unknown_credentials_is_told_to_back_off(
+    settings: Settings, db: asyncpg.Connection, callers_path: Path
+) -> None:
+    """AUTH_REFUSALS_PER_PEER_PER_SECOND: a client looping on a wrong token gets
+    RESOURCE_EXHAUSTED with a retry hint past its budget; a known caller on the same host is
+    never held back; after the hint, the peer is answered UNAUTHENTICATED again."""
+    secret = token("pairing")
+    write_callers(callers_path, {"pairing": {"tokens": [secret], "scopes": ["read"]}})
+    limited = replace(
+        guarded_settings(settings, callers_path), auth_refusals_per_peer_per_second=5.0
+    )
+    async with (
+        running(limited) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = pb_grpc.AvailabilityServiceStub(channel)
+        codes, hints = [], []
+        for _ in range(30):
+            try:
+                await stub.CountAvailableMitras(
+                    pb.CountAvailableMitrasRequest(), metadata=bearer("guess"), timeout=5
+                )
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+                hints += [v for k, v in exc.trailing_metadata() or () if k == "retry-after-ms"]
+            known = await call(channel, "CountAvailableMitras", bearer(secret))
+            assert known[0] == grpc.StatusCode.OK, "a known caller on the same peer is served"
+        assert codes[:5] == [UNAUTHENTICATED] * 5, "the budget: 5 at once"
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 15, codes
+        assert grpc.StatusCode.OK not in codes
+        assert hints and all(0 < int(h) <= 200 for h in hints), hints
+        await asyncio.sleep(max(int(h) for h in hints[-1:]) / 1000 + 0.05)
+        assert (await call(channel, "CountAvailableMitras", bearer("guess")))[0] == UNAUTHENTICATED
 
 
 @pytest.mark.parametrize(

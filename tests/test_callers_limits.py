@@ -141,7 +141,10 @@ async def main(address, secret, tasks):
     loop.add_signal_handler(signal.SIGTERM, lambda: (stop.set(), go.set()))
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.AvailabilityServiceStub(channel)
-        await stub.CountAvailableMitras(pb.CountAvailableMitrasRequest(), metadata=metadata)
+        try:  # connected (a stranger's call is refused, and that is enough)
+            await stub.CountAvailableMitras(pb.CountAvailableMitrasRequest(), metadata=metadata)
+        except grpc.aio.AioRpcError:
+            pass
         print("ready", flush=True)
 
         async def flood():
@@ -328,6 +331,7 @@ async def test_a_flooding_caller_does_not_starve_another(
             "elsewhere": await Flooder.start(decoy, tokens["runaway"], FLOOD_LOOPS),
             "limited": await Flooder.start(address, tokens["runaway"], FLOOD_LOOPS),
             "unlimited": await Flooder.start(address, tokens["unlimited"], FLOOD_LOOPS),
+            "stranger": await Flooder.start(address, token("stranger"), FLOOD_LOOPS),
         }
         took: dict[str, list[float]] = {"quiet": [], **{name: [] for name in flooders}}
         busy = dict.fromkeys(took, 0.0)
@@ -365,6 +369,7 @@ async def test_a_flooding_caller_does_not_starve_another(
         "elsewhere": "the same flood at another server",
         "limited": f"with the flood ({FLOOD_LOOPS} loop, limited)",
         "unlimited": f"same flood, no limits ({FLOOD_LOOPS} loop)",
+        "stranger": f"same flood, unknown token ({FLOOD_LOOPS} loop)",
     }
     for name, label in described.items():
         lines.append(
@@ -384,4 +389,13 @@ async def test_a_flooding_caller_does_not_starve_another(
     assert loud <= 2 * control, (
         f"p99 {loud * 1000:.2f} ms with the flood at the pairing service's server, "
         f"{control * 1000:.2f} ms with the same flood at another one"
+    )
+    # Unknown credentials: past its peer's budget, refused before any lookup.
+    strange = counts["stranger"]
+    assert strange.get("RESOURCE_EXHAUSTED", 0) > strange.get("UNAUTHENTICATED", 0) > 0
+    assert strange.get("OK", 0) == 0
+    stranger = p99(took["stranger"])
+    assert stranger <= 2 * control, (
+        f"p99 {stranger * 1000:.2f} ms with a stranger's flood at the pairing service's "
+        f"server, {control * 1000:.2f} ms with the same flood at another one"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,17 +38,22 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     are not audited (it names nobody; a deployment on AUTH_TOKENS would otherwise audit every
     app going online)."""
 
-    def __init__(self, callers: Callers, *, tls: bool, named: bool = True) -> None:
+    def __init__(
+        self, callers: Callers, *, tls: bool, named: bool = True, peer_refusals: float = 0.0
+    ) -> None:
         self._callers = callers
         self._tls = tls
         self._named = named
         self._refusals = _Throttled()
+        self._strangers = _Strangers(peer_refusals)
 
     @classmethod
-    def of_tokens(cls, tokens: tuple[str, ...], *, tls: bool) -> Guard:
+    def of_tokens(cls, tokens: tuple[str, ...], *, tls: bool, peer_refusals: float = 0.0) -> Guard:
         digests = tuple(bytes.fromhex(hash_token(token)) for token in tokens)
         holder = Caller(TOKEN_HOLDER, frozenset({ALL}), token_digests=digests)
-        return cls(Callers("", Roster((holder,))), tls=tls, named=False)
+        return cls(
+            Callers("", Roster((holder,))), tls=tls, named=False, peer_refusals=peer_refusals
+        )
 
     async def intercept_service(
         self,
@@ -60,6 +66,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         token = _bearer(handler_call_details.invocation_metadata)
         callers, tls, named, refusals = self._callers, self._tls, self._named, self._refusals
+        strangers = self._strangers
 
         async def identify(context: Context) -> Caller:
             roster = callers.roster
@@ -76,6 +83,15 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 refusals.warning(
                     peer, "calls from %s refused: missing or unknown credentials", peer
                 )
+                if wait_ms := strangers.refused(peer):
+                    hint = str(wait_ms)
+                    await abort(
+                        context,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"too many calls with missing or unknown credentials from {peer}; "
+                        f"retry in {hint} ms",
+                        ((RETRY_AFTER_HEADER, hint), (_PUSHBACK_HEADER, hint)),
+                    )
                 await abort(context, grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
             return caller
 
@@ -201,6 +217,34 @@ class _Throttled:
             message += " (and %d more since the last line)"
             args += (held,)
         log.warning(message, *args)
+
+
+class _Strangers:
+    """Each peer's budget of calls with missing or unknown credentials: `rate` a second, as
+    many at once. Past it, such a call is answered RESOURCE_EXHAUSTED with a retry hint (which
+    gRPC's retry policy honours) instead of UNAUTHENTICATED: a client guessing, or looping on
+    a wrong token, is told to back off, and is logged once a second with its count. Callers
+    whose credentials are known are never held back by another client on their host. A peer
+    is an address. 0: no limit."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._budgets: dict[str, tuple[float, float]] = {}
+
+    def refused(self, peer: str) -> int:
+        """One more refused call from this peer: 0 within its budget, else the ms to wait."""
+        if not self._rate:
+            return 0
+        now = time.monotonic()
+        if len(self._budgets) > 10_000:  # peers come and go: bound them
+            self._budgets.clear()
+        tokens, stamp = self._budgets.get(peer, (self._rate, now))
+        tokens = min(self._rate, tokens + (now - stamp) * self._rate)
+        if tokens < 1.0:
+            self._budgets[peer] = (tokens, now)
+            return max(1, math.ceil((1.0 - tokens) / self._rate * 1000))
+        self._budgets[peer] = (tokens - 1.0, now)
+        return 0
 
 
 def _guarded(
