@@ -288,6 +288,11 @@ class Server:
             "watchers": availability.watch_hub.watchers,
             "callers_reload_failing": self.callers is not None and self.callers.failing,
             "listener_error": listener.last_error if listener is not None else None,
+            "sweeps_failing": {
+                name: stats.failing
+                for name, stats in (self.sweeps.report.stats if self.sweeps else {}).items()
+                if stats.failing
+            },
         }
 
     async def _announce(self) -> None:

@@ -28,6 +28,9 @@ from .mirror import MIRROR_ERRORS, Trust
 from .model import AUTO_OFFLINE, HEARTBEAT_FLUSH, RECONCILE, SWEEPS, Drift
 from .tasks import cancel_and_wait
 
+SWEEP_BACKOFF_CEILING = 60.0
+"""The longest a failing sweep waits between tries (or its interval, if longer)."""
+
 AUTO_OFFLINE_BY = "auto-offline sweep"
 """Who the presence-changed event names for a mitra the sweep took offline."""
 
@@ -46,6 +49,10 @@ class SweepStats:
     affected: int = 0
     last_run_at: datetime | None = None
     last_duration_seconds: float = 0.0
+    failing: str | None = None
+    """The error its last run failed with (not an outage: TruthUnavailable and Valkey errors
+    abort and retry at the next interval); None once a run went through."""
+    failing_logged_at: float = 0.0
 
 
 @dataclass
@@ -109,9 +116,14 @@ class Sweeps:
     async def _every(
         self, name: str, interval: float, sweep: Callable[[int], Awaitable[int]]
     ) -> None:
+        failures = 0
         while True:
-            await asyncio.sleep(interval)
-            await self.run_once(name, interval, sweep)
+            # An error that repeats (a grant revoked, say) waits ever longer, up to
+            # SWEEP_BACKOFF_CEILING, rather than failing the same way every interval.
+            await asyncio.sleep(min(interval * 2**failures, max(interval, SWEEP_BACKOFF_CEILING)))
+            ran = await self.run_once(name, interval, sweep)
+            failed = self.report.of(name).failing
+            failures = min(failures + 1, 16) if failed and not ran else 0
 
     async def run_once(
         self, name: str, interval: float, sweep: Callable[[int], Awaitable[int]]
@@ -163,6 +175,16 @@ class Sweeps:
             stats.aborted += 1
             outcome = f"aborted: {exc}"
             log.warning("%s aborted: %s", name, exc)
+        except Exception as exc:  # any other failure (a grant missing): recorded, backed off
+            stats.aborted += 1
+            error = f"{type(exc).__name__}: {exc}"
+            outcome = f"failed: {error}"
+            if error != stats.failing or time.monotonic() - stats.failing_logged_at >= 60:
+                stats.failing_logged_at = time.monotonic()
+                log.error("%s failed: %s; retrying with backoff", name, error)
+            stats.failing = error
+        else:
+            stats.failing = None
         finally:
             # Awaited: a renewal that lost its cancel would hold the lease for good.
             await cancel_and_wait([renew])
@@ -285,7 +307,18 @@ class Sweeps:
                     continue
             except STORE_ERRORS:
                 continue
+            except Exception as exc:  # a grant missing, say: this loop must not die of it
+                self._keep_trusted_failed(exc)
+                continue
             self._reseeding = asyncio.create_task(self._reseed())
+
+    def _keep_trusted_failed(self, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        stats = self.report.of(RECONCILE)
+        if error != stats.failing or time.monotonic() - stats.failing_logged_at >= 60:
+            stats.failing_logged_at = time.monotonic()
+            log.error("keeping the mirror trusted failed: %s; trying again", error)
+        stats.failing = error
 
     async def _reseed(self) -> None:
         if await self.run_once(

@@ -206,3 +206,53 @@ async def _failing(listener: object) -> bool:
 
 async def _recovered(listener: object) -> bool:
     return getattr(listener, "last_error", None) is None
+
+
+async def test_a_sweep_that_loses_a_grant_backs_off_logs_once_and_shows_until_restored(
+    settings: Settings,
+    db: asyncpg.Connection,
+    runtime_database_url: str,
+    fleet: Fleet,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The auto-offline sweep loses UPDATE on sweep_fences (its fence): every run fails the
+    same way, so it waits ever longer between tries instead of failing every 0.2 s, logs the
+    error once, and status shows it as a problem until the grant is back."""
+    from availability.server import running
+    from availability.sweeps import AUTO_OFFLINE
+
+    from .test_status import reported
+
+    role = runtime_database_url.partition("://")[2].partition("@")[0]
+    quick = replace(
+        settings,
+        database_url=runtime_database_url,
+        mitra_auto_offline_sweep_seconds=0.2,
+        heartbeat_stale_seconds=1.0,
+    )
+    await fleet.mitra("Gone quiet", online=True, heartbeat_age=3600)  # stale: a take is due
+    async with running(quick) as server:
+        assert server.sweeps is not None
+        stats = server.sweeps.report.of(AUTO_OFFLINE)
+        await db.execute(f'REVOKE UPDATE ON sweep_fences FROM "{role}"')
+        try:
+            await eventually(lambda: _true(stats.failing is not None), what="the sweep failing")
+            tries = stats.aborted
+            await asyncio.sleep(4)
+            tries = stats.aborted - tries
+            problems = (await reported(server))["problems"]
+        finally:
+            await db.execute(f'GRANT UPDATE ON sweep_fences TO "{role}"')
+        await eventually(lambda: _true(stats.failing is None), timeout=20, what="recovered")
+    logged = [r for r in caplog.records if "auto_offline failed" in r.getMessage()]
+    # 0.2 s doubling: at most 4 tries in 4 s (without the backoff, 20).
+    assert tries <= 4, f"{tries} failed runs in 4 s"
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert "InsufficientPrivilegeError" in logged[0].getMessage()
+    assert any(
+        "auto_offline failing" in p and "InsufficientPrivilegeError" in p for p in problems
+    ), problems
+
+
+async def _true(value: bool) -> bool:
+    return value

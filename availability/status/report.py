@@ -267,6 +267,10 @@ def _instances(
                 f"instance {instance}: change listener failing ({error}); it retries with "
                 "backoff, and loads follow only the reconcile until it recovers"
             )
+        for sweep, error in (described.get("sweeps_failing") or {}).items():
+            problems.append(
+                f"instance {instance}: {sweep} failing ({error}); it retries with backoff"
+            )
         if described.get("callers_reload_failing"):
             problems.append(
                 f"instance {instance}: AUTH_CALLERS_FILE failed to reload; the last good "
