@@ -184,3 +184,30 @@ def test_the_breaker_lets_one_probe_through_and_any_answer_closes_it() -> None:
     breaker.check()  # ...so the next call probes again
     breaker.judge(ResponseError("UNSEEDED the mirror is being seeded"))
     assert not breaker.is_open, "Valkey answered, even if with an error"
+
+
+def test_each_failed_probe_keeps_the_breaker_open_twice_as_long_up_to_a_ceiling() -> None:
+    """A Valkey gone for good is probed ever less often: 0.05, 0.1, 0.2 s ... up to the
+    ceiling; a probe that succeeds starts over from the shortest wait."""
+    breaker = Breaker(failures=1, seconds=0.05)
+    waits = []
+    breaker.judge(RedisConnectionError("refused"))
+    for _ in range(4):
+        started = time.monotonic()
+        while True:
+            try:
+                breaker.check()
+                break
+            except MirrorDown:
+                time.sleep(0.005)
+        waits.append(time.monotonic() - started)
+        breaker.judge(RedisConnectionError("still refused"))  # the probe failed
+    # At least the doubled wait each time (a loaded machine may only add to it).
+    for wait, expected in zip(waits[1:], (0.1, 0.2, 0.4), strict=True):
+        assert expected * 0.95 <= wait < expected + 1.0, waits
+    breaker.succeeded()
+    breaker.judge(RedisConnectionError("refused again"))
+    with pytest.raises(MirrorDown):
+        breaker.check()
+    time.sleep(0.07)
+    breaker.check()  # back to the shortest wait (0.05 s, not 0.8 s) after a success

@@ -59,11 +59,16 @@ def untrusted(exc: BaseException) -> bool:
     )
 
 
+BREAKER_CEILING_SECONDS = 8.0
+
+
 class Breaker:
     """After `failures` consecutive failed calls, Valkey is taken as down for `seconds`: calls
     fail at once (MirrorDown), so readers reach Postgres without first waiting out
     VALKEY_TIMEOUT_SECONDS each. Then one call probes; its success closes the breaker, its
-    failure opens it again."""
+    failure opens it again, for twice as long each time Valkey is still down (up to
+    BREAKER_CEILING_SECONDS, or `seconds` if longer): a Valkey gone for good is probed a few
+    times a minute, not every second."""
 
     def __init__(self, failures: int, seconds: float) -> None:
         self._threshold = failures
@@ -72,6 +77,8 @@ class Breaker:
         self._open_until = 0.0
         self._probing = False
         self._probe_deadline = 0.0
+        self._reopened = 0
+        """Failed probes in a row: each doubles the time the breaker stays open."""
         self.opened = 0
         self.short_circuits = 0
 
@@ -96,8 +103,12 @@ class Breaker:
         if self._failures >= self._threshold:
             if self._failures == self._threshold:
                 self.opened += 1
+                self._reopened = 0
                 log.warning("Valkey breaker open: %d calls in a row failed", self._failures)
-            self._open_until = time.monotonic() + self._seconds
+            else:
+                self._reopened = min(self._reopened + 1, 16)
+            ceiling = max(self._seconds, BREAKER_CEILING_SECONDS)
+            self._open_until = time.monotonic() + min(self._seconds * 2**self._reopened, ceiling)
 
     def judge(self, exc: BaseException) -> None:
         """A call raised: an outage counts against Valkey; an error Valkey itself answered
