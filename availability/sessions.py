@@ -23,6 +23,8 @@ from .truth import Truth
 log = logging.getLogger(__name__)
 
 SESSION_HEADER = "x-mitra-session"
+_SESSION_CHARS = 64
+"""Longer than any spelling of a UUID: not a session, and not worth a lookup."""
 """The metadata key a bound caller's unary presence calls carry the auth session in."""
 
 
@@ -35,43 +37,41 @@ class SessionGate:
 
     async def refused(self, pairs: Sequence[tuple[UUID, str]]) -> list[bool]:
         """(mitra, session sent) pairs: True where the session is not a live session of that
-        mitra (missing, malformed, another mitra's, revoked or expired)."""
-        sessions = [_uuid(s) for _, s in pairs]
-        asked = [i for i, s in enumerate(sessions) if s is not None]
-        ok = [False] * len(pairs)
+        mitra (missing, malformed, another mitra's, revoked or expired). The mirror is asked
+        with the sessions as sent (the cache is keyed by them), Postgres only about those it
+        does not vouch for."""
+        asked = [i for i, (_, s) in enumerate(pairs) if 0 < len(s) <= _SESSION_CHARS]
+        refused = [True] * len(pairs)
         check = None
         if asked:
             try:
                 check = await self._mirror.check_sessions(
-                    [(str(pairs[i][0]), str(sessions[i])) for i in asked]
+                    [(str(pairs[i][0]), pairs[i][1]) for i in asked]
                 )
             except MIRROR_ERRORS as exc:
                 log.debug("session check falls back to Postgres (%r)", exc)
-        unvouched = []
-        for at, i in enumerate(asked):
-            if check is not None and check.found[at]:
-                ok[i] = True
-            else:
-                unvouched.append((at, i))
+        unvouched = range(len(asked)) if check is None else sorted(check.unvouched)
+        for at in range(len(asked)) if check is not None else ():
+            refused[asked[at]] = False
+        for at in unvouched:
+            refused[asked[at]] = True
         self._count("cache", len(asked) - len(unvouched))
-        if unvouched:
-            live, now = await self._truth.live_sessions(
-                list({s for _, i in unvouched if (s := sessions[i]) is not None})
-            )
+        parsed = {at: session for at in unvouched if (session := _uuid(pairs[asked[at]][1]))}
+        if parsed:
+            live, now = await self._truth.live_sessions(list(set(parsed.values())))
             fill = []
-            for at, i in unvouched:
-                mitra, session = pairs[i][0], sessions[i]
-                found = live.get(session) if session is not None else None
+            for at, session in parsed.items():
+                mitra = pairs[asked[at]][0]
+                found = live.get(session)
                 if found is not None and found[0] == mitra:
-                    ok[i] = True
-                    fill.append((at, str(mitra), str(session), found[1]))
+                    refused[asked[at]] = False
+                    fill.append((at, str(mitra), pairs[asked[at]][1], found[1]))
             self._count("database", len(fill))
             if fill and check is not None and now is not None:
                 try:
                     await self._mirror.cache_sessions(check, fill, now)
                 except MIRROR_ERRORS as exc:
                     log.debug("live sessions not cached (%r)", exc)
-        refused = [not o for o in ok]
         self._count("refused", sum(refused))
         return refused
 

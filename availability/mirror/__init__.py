@@ -53,5 +53,6 @@ class Mirror(MitraMixin, HeartbeatMixin, DeploymentMixin, ChangesMixin, Sessions
     async def close(self) -> None:
         if self._beat_connection is not None:
             await self._beat_connection.disconnect()
+        await self.close_sessions()
         await self.client.aclose()
         await self._reader.aclose()
