@@ -515,6 +515,7 @@ def workers(
         address,
         AUTH_CALLERS_FILE=str(callers_path),
         AUTH_CALLERS_POLL_SECONDS="3600",
+        AUTH_REFUSALS_PER_PEER_PER_SECOND="0",  # the old token's refusals are counted here
         METRICS_ADDRESS="",
         LOG_FORMAT="json",
     )
