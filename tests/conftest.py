@@ -289,6 +289,9 @@ def settings(
         migrate_on_start=False,
         valkey_timeout_seconds=1.0,
         metrics_address="127.0.0.1:0",
+        # Four workers, each with servers of its own, share one Postgres (100 connections
+        # by default): a test server needs few.
+        database_pool_size=4,
     )
     _delete_keys(url, cluster, [prefix])
 

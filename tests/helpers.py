@@ -212,6 +212,10 @@ def store_env(settings: Settings, address: str, **extra: str) -> dict[str, str]:
         "VALKEY_URL": settings.valkey_url,
         "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
         "GRPC_ADDRESS": address,
+        # As the in-process servers have it (conftest): on a machine running the suite in
+        # parallel, Valkey's answers can outlast the default 0.25 s without anything wrong.
+        "VALKEY_TIMEOUT_SECONDS": str(settings.valkey_timeout_seconds),
+        "DATABASE_POOL_SIZE": str(settings.database_pool_size),
         **extra,
     }
 

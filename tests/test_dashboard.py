@@ -253,14 +253,18 @@ async def test_a_thousand_beacon_calls_at_expiry_compute_once(
         await asyncio.sleep(3.2)  # the shared snapshot and both local copies have expired
         before = await mirror.beacon_computations()
 
+        started = time.monotonic()
         replies = await asyncio.gather(
             *(
                 stubs[i % 2].CountAvailableMitras(pb.CountAvailableMitrasRequest())
                 for i in range(1000)
             )
         )
+        lives = 1 + int((time.monotonic() - started) / short.beacon_ttl_seconds)
 
-        assert await mirror.beacon_computations() - before == 1
+        # Once a snapshot's life: once, unless a loaded machine stretched the burst past it.
+        computed = await mirror.beacon_computations() - before
+        assert 1 <= computed <= lives, f"{computed} computations over {lives} snapshot lives"
         assert {(r.available_count, r.online_count) for r in replies} == {(5, 5)}
         for c in channels:
             await c.close()
