@@ -218,7 +218,13 @@ class Availability:
             outcomes = await self.mirror.heartbeats(mitra_ids)
         except MIRROR_ERRORS as exc:
             self._bypassed("heartbeat", exc, "recording in the truth", len(mitra_ids))
-            return self._counted(await self.truth.record_heartbeats(mitra_ids))
+            recorded = await self.truth.record_heartbeats(mitra_ids)
+            # Postgres has them and the mirror not: repaired once it answers again (a hiccup
+            # keeps its data, and an app that beat meanwhile must not look stale there).
+            self.unmirrored.update(
+                i for i, beat in zip(mitra_ids, recorded, strict=True) if beat is Beat.RECORDED
+            )
+            return self._counted(recorded)
         # Offline here may only mean that this mirror has not heard of a SetOnline yet (one
         # made through an instance on another Valkey, during a move): Postgres decides.
         beats = [None if o is _OFFLINE else _BEATS.get(o) for o in outcomes]

@@ -13,6 +13,7 @@ from uuid import UUID
 
 import redis.asyncio as redis
 from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from ..settings import Settings
@@ -127,32 +128,40 @@ class HeartbeatMixin(MirrorBase):
     async def _beat(self, ids: list[str]) -> list[int]:
         """One heartbeat script call, on a connection of its own with the command packed by
         hand: heartbeats go one call at a time (the group commit above), and the client's
-        pool and packing cost more than the rest of a heartbeat's Redis work."""
+        pool and packing cost more than the rest of a heartbeat's Redis work. A connection
+        found closed (Valkey restarted, or dropped it while idle) is replaced once at once:
+        the script is safe to run twice, and the heartbeats must not go to Postgres for it."""
         self.heartbeat_calls += 1
         self.breaker.check()
         packed = [b"*%d\r\n" % (len(self._beat_head) + len(ids)), *self._beat_head]
         packed += [b"$%d\r\n%s\r\n" % (len(i), i.encode()) for i in ids]
-        try:
-            connection = self._beat_connection
-            if connection is None:
-                pool = self.client.connection_pool
-                connection = pool.make_connection()  # type: ignore[no-untyped-call]
-                await pool.ensure_connection(connection)
-                self._beat_connection = connection
-            await connection.send_packed_command(b"".join(packed), check_health=False)
-            reply: list[int] = await connection.read_response()
-        except NoScriptError:
-            # Valkey lost its scripts (restarted): the regular path loads it again.
+        command = b"".join(packed)
+        for attempt in (1, 2):
+            reused = self._beat_connection is not None
+            try:
+                connection = self._beat_connection
+                if connection is None:
+                    pool = self.client.connection_pool
+                    connection = pool.make_connection()  # type: ignore[no-untyped-call]
+                    await pool.ensure_connection(connection)
+                    self._beat_connection = connection
+                await connection.send_packed_command(command, check_health=False)
+                reply: list[int] = await connection.read_response()
+            except NoScriptError:
+                # Valkey lost its scripts (restarted): the regular path loads it again.
+                self.breaker.succeeded()
+                return list(await self._run(self._heartbeat, self._stale_ms, self._retain, *ids))
+            except BaseException as exc:
+                if self._beat_connection is not None:
+                    await self._beat_connection.disconnect()
+                    self._beat_connection = None
+                if attempt == 1 and reused and isinstance(exc, RedisConnectionError):
+                    continue
+                self.breaker.judge(exc)
+                raise
             self.breaker.succeeded()
-            return list(await self._run(self._heartbeat, self._stale_ms, self._retain, *ids))
-        except BaseException as exc:
-            if self._beat_connection is not None:
-                await self._beat_connection.disconnect()
-                self._beat_connection = None
-            self.breaker.judge(exc)
-            raise
-        self.breaker.succeeded()
-        return reply
+            return reply
+        raise AssertionError("unreachable")
 
     async def stale(self, limit: int) -> tuple[int, int, list[UUID]]:
         """(online count, stale count, up to limit stale ids), by Valkey's clock."""

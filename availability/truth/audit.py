@@ -6,26 +6,8 @@ from __future__ import annotations
 from datetime import datetime
 from uuid import UUID
 
-import asyncpg
-
-from ..errors import AuditUnwritten
-from ..model import Audit, AuditRecord, MitraState
-from .connection import _UNREACHABLE, TruthBase, _Connectionish, log
-
-# An audited change reads the state before under the mitras row lock every write of it takes
-# first (SetOnline, SetMitraActive), so no other write slips between "before" and the change.
-_AUDIT_BEFORE = """
-SELECT m.is_active, coalesce(s.is_online, false) AS is_online
-FROM mitras m LEFT JOIN mitra_online_status s ON s.mitra_id = m.id
-WHERE m.id = $1
-FOR UPDATE OF m
-"""
-
-_AUDIT = """
-INSERT INTO availability_audit (caller, request_id, action, mitra_id, active_before,
-    active_after, online_before, online_after, revoked_auth_sessions)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-"""
+from ..model import AuditRecord
+from .connection import TruthBase
 
 _AUDIT_RECORDS = """
 SELECT * FROM (
@@ -61,38 +43,3 @@ class Auditing(TruthBase):
             )
             for r in rows
         ]
-
-    @staticmethod
-    async def _audit(
-        conn: _Connectionish,
-        audit: Audit,
-        mitra_id: UUID,
-        before: asyncpg.Record,
-        after: MitraState,
-        revoked: int,
-    ) -> None:
-        try:
-            await conn.execute(
-                _AUDIT,
-                audit.caller,
-                audit.request_id,
-                audit.action,
-                mitra_id,
-                before["is_active"],
-                after.active,
-                before["is_online"],
-                after.online,
-                revoked,
-            )
-        except _UNREACHABLE:
-            raise
-        except asyncpg.PostgresError as exc:
-            log.error(
-                "%s of mitra %s by %s refused: its audit row could not be written (%s: %s)",
-                audit.action,
-                mitra_id,
-                audit.caller,
-                type(exc).__name__,
-                exc,
-            )
-            raise AuditUnwritten(exc) from exc

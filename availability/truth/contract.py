@@ -1,20 +1,20 @@
 """The contract's reads and writes: mitras' states, SetOnline, SetOffline and SetMitraActive
-(each in one transaction with its audit row), and what Postgres answers when Valkey cannot:
+(each one statement, its audit row included), and what Postgres answers when Valkey cannot:
 heartbeats, finds and counts; with the sweeps' writes, auto-offline and the heartbeat flush."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
 import asyncpg
 
-from ..errors import MitraDeactivated, MitraNotFound
+from ..errors import AuditUnwritten, MitraDeactivated, MitraNotFound
 from ..model import Audit, AvailabilityCount, AvailableMitra, Beat, MitraState, Source
-from .audit import _AUDIT_BEFORE, Auditing
-from .connection import _Connectionish
+from .audit import Auditing
+from .connection import log
 
 _LOAD = "c.status IN ('active', 'pending_payment')"
 
@@ -44,16 +44,49 @@ LEFT JOIN (
 ) l ON l.mitra_id = m.id
 """
 
-# `was` locks the mitra's status row, so what it read is what the change changed (the
-# attributable event's "before"), as the audit's before is. The upsert reads it, so it runs
-# first: a row this very statement had already updated would be invisible to its lock.
-_SET_ONLINE = """
-WITH m AS (SELECT id, is_active FROM mitras WHERE id = $1 FOR UPDATE),
+# Each write is one statement, so one round trip, its audit row included (the function of
+# migration 0014, which fails the statement with AVAUD when the row cannot be written). `m`
+# locks the mitras row, which orders the write with a deactivation; `was` locks the mitra's
+# status row, so what it read is what the write changed: the event's and the audit's
+# "before". The upsert reads `was`, so `was` runs first (a row this very statement had
+# already updated would be invisible to its lock). The answer is the state after the write,
+# with the database's clock, as _STATES_BY_ID reads it.
+_WAS = """
 was AS (
-    SELECT s.is_online FROM mitra_online_status s
+    SELECT s.is_online, s.last_heartbeat_at, s.version FROM mitra_online_status s
     WHERE s.mitra_id = $1 AND EXISTS (SELECT FROM m)
     FOR UPDATE
+)"""
+
+_WRITTEN = f"""
+SELECT m.id, coalesce(m.display_name, '') AS display_name, m.is_active,
+    m.max_concurrent_sessions,
+    coalesce(up.is_online, was.is_online, false) AS is_online,
+    coalesce(up.last_heartbeat_at, was.last_heartbeat_at) AS last_heartbeat_at,
+    coalesce(up.version, was.version, 0) AS version,
+    (SELECT count(*) FROM chat_sessions c WHERE c.mitra_id = m.id AND {_LOAD})::int AS load,
+    statement_timestamp() AS read_at, now() AS now,
+    coalesce(was.is_online, false) AS was_online,
+    (SELECT count(*) FROM audited) AS audited
+FROM m LEFT JOIN was ON true LEFT JOIN up ON true
+"""
+
+_AUDITED = """
+audited AS (
+    SELECT availability_audit_row($2::text, $3::text, {action}::text, m.id, {active_before},
+        m.is_active,
+        coalesce(was.is_online, false), coalesce(up.is_online, was.is_online, false),
+        {revoked})
+    FROM m LEFT JOIN was ON true LEFT JOIN up ON true
+    WHERE $2::text IS NOT NULL {also}
+)"""
+
+_SET_ONLINE = f"""
+WITH m AS (
+    SELECT id, display_name, is_active, max_concurrent_sessions FROM mitras
+    WHERE id = $1 FOR UPDATE
 ),
+{_WAS},
 up AS (
     INSERT INTO mitra_online_status AS s
         (mitra_id, is_online, last_heartbeat_at, updated_at, version)
@@ -61,23 +94,63 @@ up AS (
     ON CONFLICT (mitra_id) DO UPDATE
         SET is_online = true, last_heartbeat_at = now(), updated_at = now(),
             version = s.version + 1
-    RETURNING 1
-)
-SELECT m.is_active, (SELECT count(*) FROM up) AS written,
-    coalesce((SELECT is_online FROM was), false) AS was_online
-FROM m
+    RETURNING s.is_online, s.last_heartbeat_at, s.version
+),
+{
+    _AUDITED.format(
+        action="'set_online'", active_before="m.is_active", revoked="0", also="AND m.is_active"
+    )
+}
+{_WRITTEN}
 """
 
-_UPSERT_STATUS = """
-WITH was AS (SELECT is_online FROM mitra_online_status WHERE mitra_id = $1 FOR UPDATE),
+# Offline, or (SetMitraActive) active or not: online stays only while active.
+_UPSERT_OFFLINE = """
 up AS (
     INSERT INTO mitra_online_status AS s (mitra_id, is_online, updated_at, version)
-    SELECT $1, false, now(), 1 WHERE (SELECT count(*) FROM was) >= 0
+    SELECT id, false, now(), 1 FROM m WHERE (SELECT count(*) FROM was) >= 0
     ON CONFLICT (mitra_id) DO UPDATE
-        SET is_online = s.is_online AND $2, updated_at = now(), version = s.version + 1
+        SET is_online = s.is_online AND {keep}, updated_at = now(), version = s.version + 1
+    RETURNING s.is_online, s.last_heartbeat_at, s.version
+)"""
+
+_SET_OFFLINE = f"""
+WITH m AS (
+    SELECT id, display_name, is_active, max_concurrent_sessions FROM mitras
+    WHERE id = $1 FOR UPDATE
+),
+{_WAS},
+{_UPSERT_OFFLINE.format(keep="false")},
+{_AUDITED.format(action="'set_offline'", active_before="m.is_active", revoked="0", also="")}
+{_WRITTEN}
+"""
+
+# `before` locks the row first (the audit's active_before); the deactivation revokes the
+# mitra's live auth sessions in the same statement.
+_SET_ACTIVE = f"""
+WITH before AS (SELECT id, is_active FROM mitras WHERE id = $1 FOR UPDATE),
+m AS (
+    UPDATE mitras SET is_active = $4 FROM before WHERE mitras.id = before.id
+    RETURNING mitras.id, mitras.display_name, mitras.is_active,
+        mitras.max_concurrent_sessions, before.is_active AS was_active
+),
+{_WAS},
+revoked AS (
+    UPDATE auth_sessions SET revoked_at = now()
+    WHERE mitra_id = $1 AND NOT $4 AND EXISTS (SELECT FROM m) AND revoked_at IS NULL
+      AND (expires_at IS NULL OR expires_at > now())
     RETURNING 1
-)
-SELECT coalesce((SELECT is_online FROM was), false) AS was_online, (SELECT count(*) FROM up)
+),
+{_UPSERT_OFFLINE.format(keep="$4")},
+{
+    _AUDITED.format(
+        action="'set_active'",
+        active_before="m.was_active",
+        revoked="(SELECT count(*) FROM revoked)::int",
+        also="",
+    )
+}
+{_WRITTEN.replace("AS audited", "AS audited, (SELECT count(*) FROM revoked)::int AS revoked")}
 """
 
 _REVOKE_AUTH_SESSIONS = """
@@ -203,38 +276,19 @@ class Contract(Auditing):
 
     async def set_online(self, mitra_id: UUID, audit: Audit | None = None) -> Written:
         """Online, and counted as a heartbeat; the mitras row lock orders it with deactivation."""
-
-        async def change(conn: _Connectionish) -> tuple[int, bool]:
-            row = await conn.fetchrow(_SET_ONLINE, mitra_id)
-            if row is None:
-                raise MitraNotFound(mitra_id)
-            if not row["is_active"]:
-                raise MitraDeactivated(mitra_id)
-            return 0, row["was_online"]
-
-        return await self._write(mitra_id, change, audit)
+        row = await self._write(_SET_ONLINE, mitra_id, audit)
+        if not row["is_active"]:
+            raise MitraDeactivated(mitra_id)
+        return _written(row)
 
     async def set_offline(self, mitra_id: UUID, audit: Audit | None = None) -> Written:
-        async def change(conn: _Connectionish) -> tuple[int, bool]:
-            if not await conn.fetchval("SELECT true FROM mitras WHERE id = $1", mitra_id):
-                raise MitraNotFound(mitra_id)
-            return 0, await conn.fetchval(_UPSERT_STATUS, mitra_id, False)
-
-        return await self._write(mitra_id, change, audit)
+        return _written(await self._write(_SET_OFFLINE, mitra_id, audit))
 
     async def set_active(self, mitra_id: UUID, active: bool, audit: Audit | None = None) -> Written:
-        async def change(conn: _Connectionish) -> tuple[int, bool]:
-            found = await conn.fetchval(
-                "UPDATE mitras SET is_active = $2 WHERE id = $1 RETURNING true", mitra_id, active
-            )
-            if not found:
-                raise MitraNotFound(mitra_id)
-            revoked = 0
-            if not active:
-                revoked = _row_count(await conn.execute(_REVOKE_AUTH_SESSIONS, mitra_id))
-            return revoked, await conn.fetchval(_UPSERT_STATUS, mitra_id, active)
-
-        return await self._write(mitra_id, change, audit)
+        """Activation; a deactivation revokes the mitra's auth sessions and takes it
+        offline, in the same statement."""
+        row = await self._write(_SET_ACTIVE, mitra_id, audit, active)
+        return _written(row, row["revoked"])
 
     async def take_offline(self, mitra_ids: Sequence[UUID], fence: str, epoch: int) -> list[UUID]:
         """The auto-offline sweep's write, refused when a newer lease epoch has written. A
@@ -292,23 +346,35 @@ class Contract(Auditing):
         return AvailabilityCount(row["available"], row["online"], row["as_of"], Source.DATABASE)
 
     async def _write(
-        self,
-        mitra_id: UUID,
-        change: Callable[[_Connectionish], Awaitable[tuple[int, bool]]],
-        audit: Audit | None = None,
-    ) -> Written:
-        """One write in one transaction, with its audit row when audited; `change` returns
-        the auth sessions it revoked and whether the mitra was online before."""
-        async with self._connection() as conn, conn.transaction():
-            before = await conn.fetchrow(_AUDIT_BEFORE, mitra_id) if audit else None
-            revoked, was_online = await change(conn)
-            rows = await conn.fetch(_STATES_BY_ID, [mitra_id])
-            now = await conn.fetchval(_NOW)
-            if audit is not None and before is not None and rows:
-                await self._audit(conn, audit, mitra_id, before, _state(rows[0]), revoked)
-        if not rows:
+        self, statement: str, mitra_id: UUID, audit: Audit | None, *more: object
+    ) -> asyncpg.Record:
+        """One write, one statement (one round trip), with its audit row when audited."""
+        caller, request_id = (audit.caller, audit.request_id) if audit else (None, None)
+        try:
+            async with self._connection() as conn:
+                row = await conn.fetchrow(statement, mitra_id, caller, request_id, *more)
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate != _AUDIT_UNWRITTEN or audit is None:
+                raise
+            log.error(
+                "%s of mitra %s by %s refused: its audit row could not be written (%s)",
+                audit.action,
+                mitra_id,
+                audit.caller,
+                exc,
+            )
+            raise AuditUnwritten(exc) from exc
+        if row is None:
             raise MitraNotFound(mitra_id)
-        return Written(_state(rows[0]), now, revoked, was_online)
+        return row
+
+
+def _written(row: asyncpg.Record, revoked: int = 0) -> Written:
+    return Written(_state(row), row["now"], revoked, row["was_online"])
+
+
+_AUDIT_UNWRITTEN = "AVAUD"
+"""The SQLSTATE availability_audit_row (migration 0014) fails a write with."""
 
 
 @dataclass(frozen=True, slots=True)
