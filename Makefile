@@ -101,8 +101,9 @@ $(NODE_STAMP): $(NODE_CLIENT)/package-lock.json
 	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund
 	touch $(NODE_STAMP)
 
-# The Node.js client (clients/node): code generated from protos/ with the venv's protoc,
-# compiled with tsc --strict, and its tests (node --test) against a real `availability serve`.
+# The Node.js client (clients/node): generated from protos/ by buf and ts-proto (both from
+# package-lock.json, no Python), compiled to ESM and CJS, and its tests (node --test) against
+# a real `availability serve` from the venv, the packed tarball's included.
 test-node: $(STAMP) $(NODE_STAMP)
 	cd $(NODE_CLIENT) && npm run --silent build && npm test
 
@@ -164,4 +165,4 @@ image-base:
 		$(CONTAINER) import build/base.tar $(LOCAL_BASE) && rm build/base.tar; }
 
 clean:
-	rm -rf $(VENV) $(TOOLS) build .data $(NODE_CLIENT)/node_modules $(NODE_CLIENT)/dist $(NODE_CLIENT)/src/gen
+	rm -rf $(VENV) $(TOOLS) build .data $(NODE_CLIENT)/node_modules $(NODE_CLIENT)/dist $(NODE_CLIENT)/build $(NODE_CLIENT)/src/gen

@@ -6,7 +6,7 @@
 import { spawnSync } from "node:child_process";
 import { availableParallelism } from "node:os";
 
-import { AvailabilityClient, type AvailabilityClientOptions, type ServiceError } from "../src";
+import { AvailabilityClient, type AvailabilityClientOptions, type AvailabilityError } from "@halo/availability-client";
 import { Serve, Stores } from "../test/harness";
 
 const HEARTBEATS = Number(process.env.BENCH_HEARTBEATS ?? 10_000);
@@ -54,7 +54,7 @@ async function round(client: AvailabilityClient, beat: Beat, ids: string[]): Pro
           if (!online) throw new Error(`${id} answered offline: the fleet is not online`);
           latencies.push(performance.now() - called);
         },
-        (error: ServiceError) => failed.set(error.details, (failed.get(error.details) ?? 0) + 1),
+        (error: AvailabilityError) => failed.set(error.details, (failed.get(error.details) ?? 0) + 1),
       );
     }),
   );

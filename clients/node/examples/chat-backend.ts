@@ -6,7 +6,7 @@ import { readFileSync } from "node:fs";
 
 import Fastify, { type FastifyInstance } from "fastify";
 
-import { AvailabilityClient, isServiceError, status } from "../src";
+import { AvailabilityClient, AvailabilityError, status } from "@halo/availability-client";
 
 /** What a caller of our HTTP API sees for each code the availability service answers. */
 const HTTP_STATUS: Partial<Record<status, number>> = {
@@ -22,7 +22,7 @@ export function buildApp(availability: AvailabilityClient): FastifyInstance {
   const app = Fastify();
 
   app.setErrorHandler((error, _request, reply) => {
-    if (!isServiceError(error)) return reply.send(error);
+    if (!(error instanceof AvailabilityError)) return reply.send(error);
     return reply.code(HTTP_STATUS[error.code as status] ?? 500).send({ error: status[error.code], details: error.details });
   });
 

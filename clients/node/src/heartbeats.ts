@@ -1,7 +1,8 @@
-import { type ServiceError, status } from "@grpc/grpc-js";
+import { status } from "@grpc/grpc-js";
 
-import { isServiceError, statusError } from "./errors";
-import { type HeartbeatResult, HeartbeatResult_Outcome as Outcome } from "./gen/availability/v1/availability";
+import { aborted, type PresenceCallOptions } from "./calls.js";
+import { AvailabilityError, atSite, type CallSite, callSite } from "./errors.js";
+import { type HeartbeatResult, HeartbeatResult_Outcome as Outcome } from "./gen/availability/v1/availability.js";
 
 /** The most ids one BatchHeartbeat may carry (the server refuses more). */
 export const MAX_BATCH = 5_000;
@@ -11,18 +12,23 @@ export interface HeartbeatStats {
   heartbeats: number;
   /** BatchHeartbeat calls sent */
   batches: number;
-  /** unary Heartbeat calls sent (window off, or a server without BatchHeartbeat) */
+  /** unary Heartbeat calls sent (window off, a call with its own metadata, or a server
+   * without BatchHeartbeat) */
   unary: number;
 }
 
 interface Waiter {
   mitraId: string;
+  session: string | undefined;
+  site: CallSite;
+  settled: boolean;
   resolve(online: boolean): void;
-  reject(error: ServiceError): void;
+  reject(error: AvailabilityError): void;
 }
 
-type SendBatch = (mitraIds: string[]) => Promise<HeartbeatResult[]>;
-type SendOne = (mitraId: string) => Promise<boolean>;
+/** mitraSessions: one per id, in order, or undefined when no heartbeat of the batch has one. */
+type SendBatch = (mitraIds: string[], mitraSessions: string[] | undefined) => Promise<HeartbeatResult[]>;
+type SendOne = (mitraId: string, options: PresenceCallOptions | undefined) => Promise<boolean>;
 
 /** Concurrent heartbeats sent together: those made within windowMs of the first, or
  * maxBatch of them, go out as one BatchHeartbeat, and each caller gets what a unary
@@ -48,11 +54,47 @@ export class HeartbeatCoalescer {
     }
   }
 
-  heartbeat(mitraId: string): Promise<boolean> {
+  /** A call with metadata of its own goes alone: a batch carries one set of headers. A
+   * signal or timeoutMs ends this caller's wait; the batch goes on for the others. */
+  heartbeat(mitraId: string, options: PresenceCallOptions | undefined): Promise<boolean> {
     this.stats.heartbeats += 1;
-    if (this.windowMs === 0 || this.batchUnsupported) return this.unary(mitraId);
+    if (this.windowMs === 0 || this.batchUnsupported || options?.metadata !== undefined) return this.unary(mitraId, options);
+    const signal = options?.signal;
+    if (signal?.aborted) return Promise.reject(aborted(signal));
+    const site = callSite(this.heartbeat);
     return new Promise<boolean>((resolve, reject) => {
-      this.pending.push({ mitraId, resolve, reject });
+      let timer: NodeJS.Timeout | undefined;
+      const end = () => {
+        waiter.settled = true;
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+      };
+      const waiter: Waiter = {
+        mitraId,
+        session: options?.mitraSession,
+        site,
+        settled: false,
+        resolve: (online) => {
+          if (waiter.settled) return;
+          end();
+          resolve(online);
+        },
+        reject: (error) => {
+          if (waiter.settled) return;
+          end();
+          reject(atSite(error, site));
+        },
+      };
+      const onAbort = () => {
+        this.pending = this.pending.filter((w) => w !== waiter);
+        waiter.reject(aborted(signal!));
+      };
+      signal?.addEventListener("abort", onAbort, { once: true });
+      if (options?.timeoutMs !== undefined) {
+        const timeoutMs = options.timeoutMs;
+        timer = setTimeout(() => waiter.reject(new AvailabilityError(status.DEADLINE_EXCEEDED, `no answer within ${timeoutMs} ms`)), timeoutMs);
+      }
+      this.pending.push(waiter);
       if (this.pending.length >= this.maxBatch) {
         this.flush();
       } else if (this.timer === undefined) {
@@ -78,64 +120,61 @@ export class HeartbeatCoalescer {
     await Promise.all([...this.inFlight]);
   }
 
-  private unary(mitraId: string): Promise<boolean> {
+  private unary(mitraId: string, options: PresenceCallOptions | undefined): Promise<boolean> {
     this.stats.unary += 1;
-    return this.sendOne(mitraId);
+    return this.sendOne(mitraId, options);
   }
 
   private async send(waiters: Waiter[]): Promise<void> {
     this.stats.batches += 1;
+    const sessions = waiters.some((w) => w.session !== undefined) ? waiters.map((w) => w.session ?? "") : undefined;
     let results: HeartbeatResult[];
     try {
-      results = await this.sendBatch(waiters.map((w) => w.mitraId));
-    } catch (error) {
-      if (!isServiceError(error)) {
-        for (const w of waiters) w.reject(error as ServiceError); // e.g. the client was closed
-        return;
-      }
-      const failed = error;
+      results = await this.sendBatch(
+        waiters.map((w) => w.mitraId),
+        sessions,
+      );
+    } catch (thrown) {
+      const failed = AvailabilityError.from(thrown);
       if (failed.code === status.UNIMPLEMENTED) {
         this.batchUnsupported = true;
-        await Promise.all(waiters.map((w) => this.unary(w.mitraId).then(w.resolve, w.reject)));
+        await Promise.all(
+          waiters.map((w) => this.unary(w.mitraId, w.session === undefined ? undefined : { mitraSession: w.session }).then(w.resolve, w.reject)),
+        );
         return;
       }
       // One error a waiter, as each would have got from its own call.
-      for (const w of waiters) w.reject(statusError(failed.code, failed.details, failed.metadata));
+      for (const w of waiters) w.reject(new AvailabilityError(failed.code, failed.details, { metadata: failed.metadata, cause: failed }));
       return;
     }
     if (results.length !== waiters.length) {
-      const error = statusError(
-        status.INTERNAL,
-        `BatchHeartbeat answered ${results.length} results for ${waiters.length} ids`,
-      );
-      for (const w of waiters) w.reject(error);
+      const details = `BatchHeartbeat answered ${results.length} results for ${waiters.length} ids`;
+      for (const w of waiters) w.reject(new AvailabilityError(status.INTERNAL, details));
       return;
     }
-    waiters.forEach((w, i) => settle(w, results[i]));
+    waiters.forEach((w, i) => settle(w, results[i]!));
   }
 }
 
 /** What a unary Heartbeat would have answered, with the server's own messages. */
 function settle(waiter: Waiter, result: HeartbeatResult): void {
   const id = waiter.mitraId;
+  const fail = (code: status, details: string) => waiter.reject(new AvailabilityError(code, details));
   switch (result.outcome) {
     case Outcome.OUTCOME_RECORDED:
     case Outcome.OUTCOME_OFFLINE:
       waiter.resolve(result.online);
       return;
     case Outcome.OUTCOME_DEACTIVATED:
-      waiter.reject(statusError(status.PERMISSION_DENIED, `mitra ${id} is deactivated`));
-      return;
+      return fail(status.PERMISSION_DENIED, `mitra ${id} is deactivated`);
     case Outcome.OUTCOME_NOT_FOUND:
-      waiter.reject(statusError(status.NOT_FOUND, `mitra ${id} not found`));
-      return;
+      return fail(status.NOT_FOUND, `mitra ${id} not found`);
     case Outcome.OUTCOME_INVALID_ID:
-      waiter.reject(
-        statusError(status.INVALID_ARGUMENT, id ? `mitra_id: must be a UUID, got ${pythonRepr(id.slice(0, 64))}` : "mitra_id: required"),
-      );
-      return;
+      return fail(status.INVALID_ARGUMENT, id ? `mitra_id: must be a UUID, got ${pythonRepr(id.slice(0, 64))}` : "mitra_id: required");
+    case Outcome.OUTCOME_SESSION_REFUSED:
+      return fail(status.PERMISSION_DENIED, `mitra ${id}: session refused (x-mitra-session)`);
     default:
-      waiter.reject(statusError(status.UNKNOWN, `BatchHeartbeat: unknown outcome ${result.outcome} for mitra ${id}`));
+      return fail(status.UNKNOWN, `BatchHeartbeat: unknown outcome ${result.outcome} for mitra ${id}`);
   }
 }
 

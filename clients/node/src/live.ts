@@ -1,16 +1,16 @@
 import { EventEmitter } from "node:events";
 
-import { type ClientReadableStream, type Metadata, type ServiceError, status, type StatusObject } from "@grpc/grpc-js";
+import { type ClientReadableStream, type Metadata, status, type StatusObject } from "@grpc/grpc-js";
 
-import { statusError } from "./errors";
+import { AvailabilityError } from "./errors.js";
 import {
   type AvailabilityServiceClient,
   type AvailableMitra as AvailableMitraMessage,
   ChangeKind,
   UnavailableReason,
   type WatchAvailableMitrasResponse,
-} from "./gen/availability/v1/availability";
-import type { AvailabilityChange, AvailabilityEvent, AvailabilitySnapshot, AvailableMitra } from "./model";
+} from "./gen/availability/v1/availability.js";
+import type { AvailabilityChange, AvailabilityEvent, AvailabilitySnapshot, AvailableMitra } from "./model.js";
 
 /** Initial metadata of a watch: the revision it is live from (a resume replays up to it). */
 export const REVISION_HEADER = "availability-revision";
@@ -29,7 +29,9 @@ const INITIAL_BACKOFF_MS = 50;
 
 export interface LiveOptions {
   /** Longest pause between two reconnects (the pause doubles from 50 ms, with jitter). */
-  maxBackoffMs?: number;
+  maxBackoffMs?: number | undefined;
+  /** Headers of the stream, added to the client's. */
+  metadata?: Metadata | Readonly<Record<string, string>> | undefined;
 }
 
 export interface LiveAvailabilityEvents {
@@ -41,7 +43,7 @@ export interface LiveAvailabilityEvents {
   reconnect: [{ code: number; details: string; delayMs: number }];
   /** ended for good by an error not worth resuming after (e.g. UNAUTHENTICATED); emitted
    * only while someone listens (the error is kept in `failure` either way) */
-  error: [ServiceError];
+  error: [AvailabilityError];
   /** closed by close() */
   close: [];
 }
@@ -59,7 +61,7 @@ export class LiveAvailability extends EventEmitter<LiveAvailabilityEvents> {
   /** How many times the stream ended and was opened again. */
   reconnects = 0;
   /** Why the watch stopped for good, when it did. */
-  failure: ServiceError | undefined;
+  failure: AvailabilityError | undefined;
   private current = new Map<string, AvailableMitra>();
   private synced = false;
   private closed = false;
@@ -103,7 +105,7 @@ export class LiveAvailability extends EventEmitter<LiveAvailabilityEvents> {
     if (this.failure) return Promise.reject(this.failure);
     return new Promise<void>((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
-      const done = (error?: ServiceError) => {
+      const done = (error?: AvailabilityError) => {
         clearTimeout(timer);
         this.off("sync", onSync);
         this.off("error", done);
@@ -117,7 +119,7 @@ export class LiveAvailability extends EventEmitter<LiveAvailabilityEvents> {
       this.on("error", done);
       if (timeoutMs !== undefined) {
         timer = setTimeout(
-          () => done(statusError(status.DEADLINE_EXCEEDED, `not in sync within ${timeoutMs} ms`)),
+          () => done(new AvailabilityError(status.DEADLINE_EXCEEDED, `not in sync within ${timeoutMs} ms`)),
           timeoutMs,
         );
       }
@@ -137,13 +139,13 @@ export class LiveAvailability extends EventEmitter<LiveAvailabilityEvents> {
   async *[Symbol.asyncIterator](): AsyncGenerator<AvailabilityEvent> {
     const queue: AvailabilityEvent[] = [];
     let wake: (() => void) | undefined;
-    let failed: ServiceError | undefined;
+    let failed: AvailabilityError | undefined;
     let ended = this.closed;
     const push = (event: AvailabilityEvent) => {
       queue.push(event);
       wake?.();
     };
-    const fail = (error: ServiceError) => {
+    const fail = (error: AvailabilityError) => {
       failed = error;
       wake?.();
     };
@@ -171,7 +173,7 @@ export class LiveAvailability extends EventEmitter<LiveAvailabilityEvents> {
     }
   }
 
-  private stop(failure: ServiceError): void {
+  private stop(failure: AvailabilityError): void {
     this.failure = failure;
     this.setInSync(false);
     if (this.listenerCount("error") > 0) this.emit("error", failure);
@@ -191,7 +193,7 @@ export class LiveAvailability extends EventEmitter<LiveAvailabilityEvents> {
       call = this.stub.watchAvailableMitras(request, this.metadata());
     } catch (error) {
       // The channel was closed under the watch (its client closed): nothing left to resume on.
-      this.stop(statusError(status.CANCELLED, `watch stopped: ${(error as Error).message}`));
+      this.stop(new AvailabilityError(status.CANCELLED, "watch stopped: the client was closed", { cause: error }));
       return;
     }
     this.call = call;
@@ -240,7 +242,7 @@ export class LiveAvailability extends EventEmitter<LiveAvailabilityEvents> {
     this.call = undefined;
     this.setInSync(false);
     if (!RESUMABLE.has(ended.code)) {
-      this.stop(statusError(ended.code, ended.details, ended.metadata));
+      this.stop(new AvailabilityError(ended.code, ended.details, { metadata: ended.metadata }));
       return;
     }
     // Equal jitter: many watchers cut at once (a server restart) do not come back at once.

@@ -6,7 +6,7 @@ import { after, before, test } from "node:test";
 
 import { Server, ServerCredentials, type ServerUnaryCall, type sendUnaryData, status } from "@grpc/grpc-js";
 
-import { AvailabilityClient, serviceConfig } from "../src";
+import { AvailabilityClient, serviceConfig } from "@halo/availability-client";
 import {
   AvailabilityServiceService,
   type HeartbeatRequest,
@@ -63,15 +63,15 @@ async function withClient<T>(options: ConstructorParameters<typeof AvailabilityC
 
 const MITRA = "00000000-0000-0000-0000-000000000001";
 
-test("the service config gives unary calls a deadline and retries, the streams neither", () => {
-  const config = JSON.parse(serviceConfig(2_500, 4));
+test("the service config retries unary calls, the streams not, and leaves deadlines to each call", () => {
+  const config = JSON.parse(serviceConfig(4));
   const [unary, streams] = config.methodConfig;
   assert.deepEqual(config.loadBalancingConfig, [{ round_robin: {} }]);
   assert.deepEqual(unary.name, [
     { service: "availability.v1.AvailabilityService" },
     { service: "availability.v1.DashboardService" },
   ]);
-  assert.equal(unary.timeout, "2.500000000s");
+  assert.equal(unary.timeout, undefined); // grpc-js would cap every call's own deadline with it
   assert.deepEqual(unary.retryPolicy.retryableStatusCodes, ["UNAVAILABLE"]);
   assert.equal(unary.retryPolicy.maxAttempts, 4);
   assert.deepEqual(streams, {
@@ -80,7 +80,18 @@ test("the service config gives unary calls a deadline and retries, the streams n
       { service: "availability.v1.DashboardService", method: "WatchDashboardStats" },
     ],
   });
-  assert.equal(JSON.parse(serviceConfig(1_000, 1)).methodConfig[0].retryPolicy, undefined);
+  assert.equal(JSON.parse(serviceConfig(1)).methodConfig[0].retryPolicy, undefined);
+});
+
+test("a call's own timeoutMs replaces the client's, longer or shorter", async () => {
+  [handler, calls] = [(_call, reply) => setTimeout(() => reply(null, { reachable: true, source: Source.SOURCE_CACHE }), 500), 0];
+  await withClient({ timeoutMs: 100 }, async (client) => {
+    await assert.rejects(client.isMitraReachable(MITRA), { code: status.DEADLINE_EXCEEDED });
+    assert.equal(await client.isMitraReachable(MITRA, { timeoutMs: 30_000 }), true);
+  });
+  await withClient({ timeoutMs: 30_000 }, async (client) => {
+    await assert.rejects(client.isMitraReachable(MITRA, { timeoutMs: 100 }), { code: status.DEADLINE_EXCEEDED });
+  });
 });
 
 test("UNAVAILABLE is retried by the channel", async () => {
@@ -112,6 +123,7 @@ test("a call that gets no answer ends at the configured deadline", async () => {
 test("options out of range are refused", () => {
   assert.throws(() => new AvailabilityClient("127.0.0.1:1", { heartbeatBatch: 5_001 }), RangeError);
   assert.throws(() => new AvailabilityClient("127.0.0.1:1", { timeoutMs: 0 }), RangeError);
+  assert.throws(() => new AvailabilityClient("127.0.0.1:1", { maxInFlight: 0 }), RangeError);
 });
 
 test("a server without BatchHeartbeat gets unary heartbeats, from then on", async () => {

@@ -4,7 +4,7 @@ import { after, before, test } from "node:test";
 
 import type { FastifyInstance } from "fastify";
 
-import { AvailabilityClient } from "../src";
+import { AvailabilityClient } from "@halo/availability-client";
 import { buildApp } from "../examples/chat-backend";
 import { Serve, Stores } from "./harness";
 
@@ -29,7 +29,7 @@ after(async () => {
 });
 
 async function call(method: "GET" | "POST", url: string, payload?: object): Promise<[number, any]> {
-  const reply = await app.inject({ method, url, payload });
+  const reply = await app.inject(payload === undefined ? { method, url } : { method, url, payload });
   return [reply.statusCode, reply.json()];
 }
 

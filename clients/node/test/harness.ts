@@ -17,10 +17,10 @@ import { setTimeout as sleep } from "node:timers/promises";
 
 import pg from "pg";
 
-import { AvailabilityClient, type AvailabilityClientOptions } from "../src";
+import { AvailabilityClient, type AvailabilityClientOptions } from "@halo/availability-client";
 
 export const REPO = resolve(__dirname, "../../../..");
-const VENV_BIN = process.env.AVAILABILITY_VENV_BIN ?? join(REPO, ".venv/bin");
+export const VENV_BIN = process.env.AVAILABILITY_VENV_BIN ?? join(REPO, ".venv/bin");
 
 /** Every process started here, stopped if this one ends first (a test timed out, Ctrl-C). */
 const children = new Set<ChildProcess>();

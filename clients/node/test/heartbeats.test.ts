@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
-import { AvailabilityClient, type ServiceError, status } from "../src";
+import { AvailabilityClient, AvailabilityError, status } from "@halo/availability-client";
 import { Serve, Stores } from "./harness";
 
 let stores: Stores;
@@ -22,7 +22,7 @@ after(async () => {
 
 async function outcomes(calls: Array<Promise<boolean>>): Promise<Array<boolean | number>> {
   const settled = await Promise.allSettled(calls);
-  return settled.map((s) => (s.status === "fulfilled" ? s.value : (s.reason as ServiceError).code));
+  return settled.map((s) => (s.status === "fulfilled" ? s.value : (s.reason as AvailabilityError).code));
 }
 
 test("coalesced heartbeats with a deactivated mitra among them: only its caller is refused", async () => {
@@ -37,12 +37,12 @@ test("coalesced heartbeats with a deactivated mitra among them: only its caller 
     const unaryBefore = await serve.handled("Heartbeat");
 
     const calls = [...online.slice(0, 3), deactivated, ...online.slice(3)].map((m) => client.heartbeat(m));
-    const refused = calls[3].catch((error: ServiceError) => error);
+    const refused = calls[3].catch((error: AvailabilityError) => error);
 
     assert.deepEqual(await outcomes(calls), [true, true, true, status.PERMISSION_DENIED, true, true]);
-    const error = (await refused) as ServiceError;
+    const error = (await refused) as AvailabilityError;
     assert.equal(error.details, `mitra ${deactivated} is deactivated`);
-    assert.ok(error instanceof Error && error.metadata !== undefined);
+    assert.ok(error instanceof AvailabilityError && error.metadata !== undefined);
     assert.deepEqual(client.heartbeatStats, { heartbeats: 6, batches: 1, unary: 0 });
     assert.equal((await serve.handled("BatchHeartbeat")) - batchesBefore, 1);
     assert.equal((await serve.handled("Heartbeat")) - unaryBefore, 0);
@@ -69,7 +69,7 @@ test("each caller gets what a unary Heartbeat answers it", async () => {
     assert.deepEqual(oneByOne, together);
     const bad = ["nope", "", "it's", 'say "hi"', "tab\there", "x".repeat(100), deactivated, unknown];
     const details = async (client: AvailabilityClient) =>
-      Promise.all(bad.map(async (id) => ((await client.heartbeat(id).catch((e: ServiceError) => e)) as ServiceError).details));
+      Promise.all(bad.map(async (id) => ((await client.heartbeat(id).catch((e: AvailabilityError) => e)) as AvailabilityError).details));
     assert.deepEqual(await details(coalesced), await details(unary));
     assert.equal(coalesced.heartbeatStats.batches, 2);
     assert.equal(unary.heartbeatStats.batches, 0);

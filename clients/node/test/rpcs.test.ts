@@ -6,8 +6,8 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 
-import { AvailabilityClient, type AvailabilityCount, type DashboardStats, type MitraStatus, status } from "../src";
-import { REPO, Serve, Stores } from "./harness";
+import { AvailabilityClient, type AvailabilityCount, type DashboardStats, type MitraStatus, status } from "@halo/availability-client";
+import { Serve, Stores, VENV_BIN } from "./harness";
 
 let stores: Stores;
 let serve: Serve;
@@ -108,7 +108,7 @@ test("a bearer token is sent with every call", async () => {
 test("mutual TLS with the client's certificate", async () => {
   // Certificates from trustme, as tests/test_security.py makes them.
   const dir = stores.dir;
-  execFileSync(join(REPO, ".venv/bin/python"), [
+  execFileSync(join(VENV_BIN, "python"), [
     "-c",
     "import sys, trustme\n" +
       "d = sys.argv[1]; ca = trustme.CA(); server = ca.issue_cert('127.0.0.1', 'localhost')\n" +

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
-import { AvailabilityClient, type AvailabilitySnapshot } from "../src";
+import { AvailabilityClient, type AvailabilitySnapshot } from "@halo/availability-client";
 import { Serve, Stores } from "./harness";
 
 const FLEET = 5_001;

@@ -6,7 +6,7 @@ import { test } from "node:test";
 
 import { Metadata, Server, ServerCredentials, type ServerWritableStream, status } from "@grpc/grpc-js";
 
-import { AvailabilityClient, REVISION_HEADER } from "../src";
+import { AvailabilityClient, REVISION_HEADER } from "@halo/availability-client";
 import {
   AvailabilityServiceService,
   type WatchAvailableMitrasRequest,

@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
-import { AvailabilityClient, type AvailabilityEvent, type AvailableMitra, type LiveAvailability } from "../src";
+import { AvailabilityClient, type AvailabilityEvent, type AvailableMitra, type LiveAvailability } from "@halo/availability-client";
 import { eventually, Serve, Stores } from "./harness";
 
 let stores: Stores;
