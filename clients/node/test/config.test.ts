@@ -120,6 +120,31 @@ test("a call that gets no answer ends at the configured deadline", async () => {
   assert.ok(took >= 280 && took < 5_000, `took ${took} ms`);
 });
 
+test("at most maxInFlight unary calls are on the wire; the rest wait, and an abort takes one out of the queue", async () => {
+  let active = 0;
+  let most = 0;
+  calls = 0;
+  handler = (_call, reply) => {
+    active += 1;
+    most = Math.max(most, active);
+    setTimeout(() => {
+      active -= 1;
+      reply(null, { reachable: true, source: Source.SOURCE_CACHE });
+    }, 20);
+  };
+  await withClient({ maxInFlight: 3 }, async (client) => {
+    const waiting = new AbortController();
+    const all = Array.from({ length: 10 }, (_, i) => client.isMitraReachable(MITRA, i === 9 ? { signal: waiting.signal } : {}));
+    assert.equal(client.queued, 7);
+    waiting.abort();
+    const settled = await Promise.allSettled(all);
+    assert.deepEqual(settled.slice(0, 9).map((s) => s.status === "fulfilled" && s.value), Array(9).fill(true));
+    assert.equal(((settled[9] as PromiseRejectedResult).reason as { code: number }).code, status.CANCELLED);
+  });
+  assert.equal(most, 3);
+  assert.equal(calls, 9, "the aborted call never reached the server");
+});
+
 test("options out of range are refused", () => {
   assert.throws(() => new AvailabilityClient("127.0.0.1:1", { heartbeatBatch: 5_001 }), RangeError);
   assert.throws(() => new AvailabilityClient("127.0.0.1:1", { timeoutMs: 0 }), RangeError);
