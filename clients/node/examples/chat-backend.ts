@@ -4,9 +4,9 @@
  * `AVAILABILITY_ADDRESS=127.0.0.1:50051 node dist/examples/chat-backend.js` (port 3000). */
 import { readFileSync } from "node:fs";
 
-import Fastify, { type FastifyInstance } from "fastify";
+import Fastify, { type FastifyInstance, type FastifyReply } from "fastify";
 
-import { AvailabilityClient, AvailabilityError, status } from "@halo/availability-client";
+import { AvailabilityClient, AvailabilityError, requestId, status } from "@halo/availability-client";
 
 /** What a caller of our HTTP API sees for each code the availability service answers. */
 const HTTP_STATUS: Partial<Record<status, number>> = {
@@ -16,7 +16,17 @@ const HTTP_STATUS: Partial<Record<status, number>> = {
   [status.FAILED_PRECONDITION]: 409, // a deactivated mitra going online
   [status.UNAVAILABLE]: 503,
   [status.DEADLINE_EXCEEDED]: 503,
+  [status.CANCELLED]: 499, // the caller hung up (or the client was closed)
 };
+
+/** Aborted when the HTTP client goes away before its answer was sent. */
+function hungUp(reply: FastifyReply): AbortSignal {
+  const gone = new AbortController();
+  reply.raw.once("close", () => {
+    if (!reply.raw.writableFinished) gone.abort();
+  });
+  return gone.signal;
+}
 
 export function buildApp(availability: AvailabilityClient): FastifyInstance {
   const app = Fastify();
@@ -27,8 +37,9 @@ export function buildApp(availability: AvailabilityClient): FastifyInstance {
   });
 
   // Every 15-30 s from every open mitra app: concurrent ones go out as one BatchHeartbeat.
-  app.post<{ Params: { mitraId: string } }>("/mitras/:mitraId/heartbeat", async (request) => {
-    const online = await availability.heartbeat(request.params.mitraId);
+  // An app that hangs up stops waiting (its heartbeat leaves the batch if not yet sent).
+  app.post<{ Params: { mitraId: string } }>("/mitras/:mitraId/heartbeat", async (request, reply) => {
+    const online = await availability.heartbeat(request.params.mitraId, { signal: hungUp(reply) });
     return { online }; // false: the app was taken offline and must go online again
   });
 
@@ -85,6 +96,7 @@ if (require.main === module) {
   const availability = new AvailabilityClient(process.env.AVAILABILITY_ADDRESS ?? "127.0.0.1:50051", {
     token: process.env.AVAILABILITY_TOKEN,
     tls: process.env.AVAILABILITY_CA_FILE ? { ca: readFileSync(process.env.AVAILABILITY_CA_FILE) } : undefined,
+    interceptors: [requestId()],
   });
   const app = buildApp(availability);
   app.addHook("onClose", () => availability.close());
