@@ -241,8 +241,13 @@ export class Stores {
     return row.id;
   }
 
-  async authSession(mitraId: string): Promise<void> {
-    await this.sql("INSERT INTO auth_sessions (mitra_id, expires_at) VALUES ($1, now() + interval '1 hour')", [mitraId]);
+  /** A live auth session of this mitra (its app logged in); its id. */
+  async authSession(mitraId: string): Promise<string> {
+    const [row] = await this.sql<{ id: string }>(
+      "INSERT INTO auth_sessions (mitra_id, expires_at) VALUES ($1, now() + interval '1 hour') RETURNING id",
+      [mitraId],
+    );
+    return row.id;
   }
 
   async close(): Promise<void> {

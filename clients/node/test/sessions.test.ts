@@ -1,8 +1,9 @@
 /** Presence bound to mitras: the mitra's auth session goes as x-mitra-session on
  * SetOnline, SetOffline and unary Heartbeat, and as mitra_sessions in a BatchHeartbeat; an
  * id the server refuses (OUTCOME_SESSION_REFUSED) fails its caller with PERMISSION_DENIED.
- * The server side is being built; until it lands, a tiny grpc-js server that only records
- * what arrives on the wire stands in (tests/test_client.py's Flaky servicer does the same). */
+ * Here a tiny grpc-js server that only records what arrives on the wire checks exactly what
+ * is sent (tests/test_client.py's Flaky servicer does the same); bound.test.ts runs the same
+ * paths against a real server. */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
