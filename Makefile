@@ -89,7 +89,7 @@ PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist lo
 # whose mode every pytest that starts resets to 0700: a local Postgres started as the postgres
 # account (make test as root) could then no longer reach its own data directory.
 PYTEST_TEMP := --basetemp=build/pytest
-test: lint check-protos check-wire test-node
+test: lint check-protos check-wire $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_TEMP) --durations=15
 
 # The inner loop (under 90 s): lint, types, the proto and wire checks, and every test that
@@ -103,7 +103,8 @@ $(NODE_STAMP): $(NODE_CLIENT)/package-lock.json
 
 # The Node.js client (clients/node): generated from protos/ by buf and ts-proto (both from
 # package-lock.json, no Python), compiled to ESM and CJS, and its tests (node --test) against
-# a real `availability serve` from the venv, the packed tarball's included.
+# a real `availability serve` from the venv, the packed tarball's included. `make test` runs
+# the same through tests/test_node_client.py, beside the Python tests.
 test-node: $(STAMP) $(NODE_STAMP)
 	cd $(NODE_CLIENT) && npm run --silent build && npm test
 

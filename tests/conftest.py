@@ -77,6 +77,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not config.getoption("--no-servers"):
+        # The files with a slow test first: run in parallel (a file to a worker, in this
+        # order), the longest start at once instead of being the tail of the run.
+        slow = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow)
         return
     kept, left = [], []
     for item in items:

@@ -281,6 +281,7 @@ def p99(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[98]
 
 
+@pytest.mark.slow
 async def test_a_flooding_caller_does_not_starve_another(
     serving: tuple[str, dict[str, str], int], decoy: str, fleet: Fleet
 ) -> None:

@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
+import pytest
 import redis.asyncio as redis
 
 from availability.client import AvailabilityClient
@@ -97,6 +98,7 @@ async def _serving(
     await eventually(serving, timeout=60, interval=0.1)
 
 
+@pytest.mark.slow
 async def test_make_run_keeps_the_demo_fleet_alive_and_status_ok(
     settings: Settings, db: asyncpg.Connection, valkey: redis.Redis, tmp_path: Path
 ) -> None:

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from availability.local_stores import free_port
 from availability.settings import Settings
 
@@ -127,6 +129,7 @@ def _run(block: Block, folder: Path, env: dict[str, str]) -> list[tuple[str, int
     return [(c, int(parts[2 * i + 1]), parts[2 * i]) for i, c in enumerate(commands)]
 
 
+@pytest.mark.slow
 def test_readme_shell_blocks_work_next_to_make_run(settings: Settings, tmp_path: Path) -> None:
     folder = tmp_path / "checkout"
     folder.mkdir()

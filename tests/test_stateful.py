@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+import pytest
 import redis.asyncio as redis
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
@@ -391,6 +392,7 @@ class AvailabilityMachine(RuleBasedStateMachine):
         self.run(check())
 
 
+@pytest.mark.slow
 def test_service_answers_follow_truth_through_random_histories(
     settings: Settings, own_valkey: LocalValkey, db: asyncpg.Connection
 ) -> None:
