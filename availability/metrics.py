@@ -133,9 +133,16 @@ class _Domain(Collector):
         yield _by(
             "availability_heartbeats",
             "Heartbeats (a BatchHeartbeat counts each id), by outcome: recorded, offline, "
-            "deactivated, not_found, invalid_id.",
+            "deactivated, not_found, invalid_id, session_refused.",
             "outcome",
             counters.heartbeats.copy(),
+        )
+        yield _by(
+            "availability_session_checks",
+            "Auth sessions a caller bound to mitras (bind_presence) sent, by who answered: "
+            "cache (the mirror vouched for it), database (Postgres found it live), refused.",
+            "answered",
+            availability.sessions.checked.copy(),
         )
         yield _by(
             "availability_valkey_write_errors",

@@ -26,7 +26,7 @@ from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
 from .callers_file import callers_toml, token, write_callers
-from .helpers import Fleet, settled
+from .helpers import Fleet, scrape_metrics, settled
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 _Result = pb.HeartbeatResult
@@ -203,6 +203,8 @@ async def test_once_a_session_is_known_the_check_stays_off_postgres(
         assert (await stub.Heartbeat(beat, metadata=bearer(APP, session))).online
     assert checked.get("database", 0) == from_postgres
     assert checked.get("cache", 0) >= 20
+    scraped = await scrape_metrics(server.metrics.port)  # type: ignore[union-attr]
+    assert scraped[("availability_session_checks_total", (("answered", "cache"),))] >= 20
 
 
 async def test_the_python_client_passes_the_session(
