@@ -67,9 +67,9 @@ check-protos: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/buf lint
-	$(BIN)/ruff check availability tests bench examples
-	$(BIN)/ruff format --check availability tests bench examples
-	$(BIN)/mypy availability examples
+	$(BIN)/ruff check availability tests bench examples tools
+	$(BIN)/ruff format --check availability tests bench examples tools
+	$(BIN)/mypy availability examples tools
 
 # The wire contract (protos/) against the last release in releases.toml: fields and RPCs may
 # be added, never renumbered, renamed or retyped.

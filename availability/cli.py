@@ -231,7 +231,8 @@ def _yes(value: object) -> str:
     return "yes" if value else "no"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """Every command and its options (docs/configuration.md is generated from this)."""
     from .version import describe
 
     parser = argparse.ArgumentParser(prog="availability", description=__doc__)
@@ -246,8 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also remove what older releases relied on: only once none of them runs",
     )
     demo = commands.add_parser("demo", help="load a realistic demo fleet")
-    demo.add_argument("--mitras", type=int, default=1000)
-    demo.add_argument("--online-share", type=float, default=0.6)
+    demo.add_argument("--mitras", type=int, default=1000, help="how many mitras to make")
+    demo.add_argument(
+        "--online-share", type=float, default=0.6, help="the share of them set online"
+    )
     demo.add_argument("--if-empty", action="store_true", help="only when there are no mitras")
     demo.add_argument(
         "--live",
@@ -258,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = commands.add_parser(
         "dev", help="serve with local Postgres/Valkey started under --data-dir when unset"
     )
-    dev.add_argument("--data-dir", default=".data")
+    dev.add_argument(
+        "--data-dir", default=".data", help="where the local stores keep their data and dev.env"
+    )
     dev.add_argument("--demo-mitras", type=int, default=200, help="0: no demo and no traffic")
     dev.add_argument(
         "--reset",
@@ -315,7 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the token; better left out: it is then read from stdin (a hidden prompt at a "
         "terminal), and stays out of shell history",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    commands = parser()
+    args = commands.parse_args(argv)
 
     if args.command == "dev":
         from .dev import run_dev
@@ -330,17 +340,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "audit":
         if args.limit < 1:
-            parser.error("--limit must be >= 1")
+            commands.error("--limit must be >= 1")
         return _audit(args)
     if args.command == "status":
         if args.watch and args.json:
-            parser.error("--watch draws for a person; --json is for scripts")
+            commands.error("--watch draws for a person; --json is for scripts")
         return _status(args)
     settings = _settings()
     configure_logging(settings)
     if args.command == "serve":
         if args.workers < 1:
-            parser.error("--workers must be >= 1")
+            commands.error("--workers must be >= 1")
         if args.workers > 1:
             from .server import serve_workers
 
@@ -355,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(_migrate(settings, args.contract))
     if args.command == "demo":
         if args.mitras < 1:
-            parser.error("--mitras must be >= 1")
+            commands.error("--mitras must be >= 1")
         asyncio.run(_demo(settings, args.mitras, args.online_share, args.if_empty or args.live))
         if args.live:
             from .demo_traffic import drive
