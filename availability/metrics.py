@@ -4,17 +4,26 @@ scrape time."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Protocol
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .mirror import Trust
+from .timing import BUCKETS
 from .version import VERSION, commit
 
 if TYPE_CHECKING:
@@ -38,14 +47,14 @@ class Measured(Protocol):
 
 log = logging.getLogger(__name__)
 
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
 
 class Metrics:
     """One registry a process (several servers in one test process do not collide)."""
 
     def __init__(self, server: Measured) -> None:
+        """Made on the server's event loop, whose tasks it counts."""
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
         self.handled = Counter(
             "grpc_server_handled",
             "RPCs completed on the server, by method, status code and caller.",
@@ -56,7 +65,7 @@ class Metrics:
             "grpc_server_handling_seconds",
             "Time to handle an RPC (a stream: until it ends), by method and caller.",
             ["grpc_service", "grpc_method", "caller"],
-            buckets=_BUCKETS,
+            buckets=BUCKETS,
             registry=self.registry,
         )
         Gauge(
@@ -65,7 +74,7 @@ class Metrics:
             ["version", "commit"],
             registry=self.registry,
         ).labels(VERSION, commit()).set(1)
-        self.registry.register(_Domain(server))
+        self.registry.register(_Domain(server, asyncio.get_running_loop()))
         self._http: WSGIServer | None = None
         self.port = 0
 
@@ -100,13 +109,20 @@ class _Domain(Collector):
     """The service's own counters, read when Prometheus scrapes (from its thread: each read
     is one copy of a dict or a number, safe under the GIL)."""
 
-    def __init__(self, server: Measured) -> None:
+    def __init__(self, server: Measured, loop: asyncio.AbstractEventLoop) -> None:
         self._server = server
+        self._loop = loop
 
     def collect(self) -> Iterator[Metric]:
+        yield _gauge(
+            "availability_asyncio_tasks",
+            "Tasks on the server's event loop (calls in flight, streams, sweeps, listeners).",
+            len(asyncio.all_tasks(self._loop)),
+        )
         availability = self._server.availability
         if availability is None:
             return
+        yield from self._stores(availability)
         counters = availability.counters
         yield _by(
             "availability_fallbacks",
@@ -250,6 +266,40 @@ class _Domain(Collector):
         for kind, value in asdict(report.drift).items():
             drift.add_metric([kind], value)
         yield drift
+
+    @staticmethod
+    def _stores(availability: Availability) -> Iterator[Metric]:
+        yield from availability.mirror.seconds.collect()
+        yield from availability.truth.seconds.collect()
+        connections = GaugeMetricFamily(
+            "availability_valkey_connections",
+            "Open connections to Valkey, by state (in_use, idle).",
+            labels=["state"],
+        )
+        for state, count in availability.mirror.connections().items():
+            connections.add_metric([state], count)
+        yield connections
+        pool = availability.truth.pool()
+        yield _gauge(
+            "availability_postgres_pool_connections",
+            "Open connections of the Postgres pool.",
+            pool["size"],
+        )
+        yield _gauge(
+            "availability_postgres_pool_in_use",
+            "Connections of the Postgres pool in use.",
+            pool["in_use"],
+        )
+        yield _gauge(
+            "availability_postgres_pool_max",
+            "The most connections the Postgres pool opens (DATABASE_POOL_SIZE).",
+            pool["max"],
+        )
+        yield _gauge(
+            "availability_postgres_pool_waiting",
+            "Operations waiting for a connection of the Postgres pool (above 0: exhausted).",
+            pool["waiting"],
+        )
 
 
 def _by(name: str, documentation: str, label: str, values: dict[str, int]) -> Metric:

@@ -39,6 +39,7 @@ from .startup import _named
 from .startup import run as run
 from .sweeps import RECONCILE, Sweeps
 from .tasks import cancel_and_wait
+from .timing import Recent
 from .tracing import server_tracer
 from .truth import Truth
 from .truth.grants import SchemaMissing
@@ -126,6 +127,7 @@ class Server:
         self._fallbacks_announced: deque[int] = deque(
             maxlen=round(RECENT_SECONDS / ANNOUNCE_SECONDS)
         )
+        self._recent: dict[str, Recent] = {}
 
     async def start(self, *, reuse_port: bool = False) -> None:
         """Bind (health NOT_SERVING), connect, migrate, seed, start tasks, then SERVING.
@@ -287,6 +289,8 @@ class Server:
             "postgres_listener_connected": listener is not None and listener.connected.is_set(),
             "watchers": availability.watch_hub.watchers,
             "callers_reload_failing": self.callers is not None and self.callers.failing,
+            "store_seconds": {store: asdict(recent) for store, recent in self._recent.items()},
+            "postgres_pool": availability.truth.pool(),
             "listener_error": listener.last_error if listener is not None else None,
             "sweeps_failing": {
                 name: stats.failing
@@ -298,7 +302,9 @@ class Server:
     async def _announce(self) -> None:
         assert self.availability is not None and self.sweeps is not None
         mirror, instance = self.availability.mirror, self.sweeps.owner
+        truth = self.availability.truth
         while True:
+            self._recent = {"valkey": mirror.seconds.mark(), "postgres": truth.seconds.mark()}
             with contextlib.suppress(*MIRROR_ERRORS):
                 await mirror.announce(instance, json.dumps(self.report()), _FORGET_SECONDS)
             self._fallbacks_announced.append(sum(self.availability.counters.fallbacks.values()))

@@ -55,6 +55,8 @@ class Settings:
     valkey_timeout_seconds: float = 0.25
     valkey_breaker_failures: int = 3
     valkey_breaker_seconds: float = 1.0
+    valkey_slow_seconds: float = 0.05
+    postgres_slow_seconds: float = 0.5
     allow_insecure_network: bool = False
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)
     auth_callers_file: str = ""
@@ -124,6 +126,8 @@ class Settings:
             "database_timeout_seconds",
             "valkey_timeout_seconds",
             "valkey_breaker_seconds",
+            "valkey_slow_seconds",
+            "postgres_slow_seconds",
             "log_slow_rpc_seconds",
             "startup_timeout_seconds",
             "change_poll_seconds",

@@ -5,6 +5,7 @@ through `_run`, so that every call counts for or against the breaker.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import redis.asyncio as redis
 
 from ..settings import Settings
+from ..timing import StoreTimes
 from .connection import Breaker
 from .keys import Keys
 
@@ -31,9 +33,33 @@ def _mark(layout: int) -> str:
     return f"v{layout} "
 
 
+class _Script:
+    """A registered script whose every call is timed (as its name); like redis's Script,
+    `script` is its source and `sha` its hash."""
+
+    def __init__(self, script: Any, seconds: Any) -> None:
+        self._call = script
+        self.script: str = script.script
+        self.sha: str = script.sha
+        self._seconds = seconds
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[object]) -> Any:
+        started = time.perf_counter()
+        try:
+            return await self._call(keys=keys, args=args)
+        finally:
+            self._seconds.observe(time.perf_counter() - started)
+
+
 class MirrorBase:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.client = client
+        self.seconds = StoreTimes(
+            "availability_valkey_seconds",
+            "Time of a Valkey operation as this process sees it (the round trip, its event "
+            "loop's delay included), by operation: each script, and heartbeat for the "
+            "group-committed heartbeat call.",
+        )
         self.breaker = Breaker(settings.valkey_breaker_failures, settings.valkey_breaker_seconds)
         self.keys = Keys.for_prefix(settings.valkey_key_prefix)
         self._all_keys = self.keys.all()
@@ -44,13 +70,16 @@ class MirrorBase:
         self.layout = settings.mirror_layout
         self._mark = _mark(self.layout)
 
-    def _register(self, name: str, *, prelude: bool = True) -> Any:
-        return self.client.register_script(_script(name, layout=self.layout if prelude else 0))
+    def _register(self, name: str, *, prelude: bool = True) -> _Script:
+        script = self.client.register_script(_script(name, layout=self.layout if prelude else 0))
+        return _Script(script, self.seconds.op(name))
 
-    async def _run(self, script: Any, *args: object) -> Any:
+    async def _run(self, script: _Script, *args: object) -> Any:
         return await self._run_with(script, (), args)
 
-    async def _run_with(self, script: Any, keys: Sequence[str], args: Sequence[object]) -> Any:
+    async def _run_with(
+        self, script: _Script, keys: Sequence[str], args: Sequence[object]
+    ) -> Any:
         """A script on the whole mirror's keys (as the prelude names them) and then its own."""
         self.breaker.check()
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections import deque
 from collections.abc import Sequence
 from uuid import UUID
@@ -47,6 +48,7 @@ class HeartbeatMixin(MirrorBase):
         self._stale = self._register("stale")
         self._take_dirty = self._register("take_dirty")
         self._release_dirty = self._register("release_dirty")
+        self._beat_seconds = self.seconds.op("heartbeat")
         self._beat_head = [
             _bulk(part)
             for part in (
@@ -136,6 +138,7 @@ class HeartbeatMixin(MirrorBase):
         packed = [b"*%d\r\n" % (len(self._beat_head) + len(ids)), *self._beat_head]
         packed += [b"$%d\r\n%s\r\n" % (len(i), i.encode()) for i in ids]
         command = b"".join(packed)
+        started = time.perf_counter()
         for attempt in (1, 2):
             reused = self._beat_connection is not None
             try:
@@ -157,8 +160,10 @@ class HeartbeatMixin(MirrorBase):
                     self._beat_connection = None
                 if attempt == 1 and reused and isinstance(exc, RedisConnectionError):
                     continue
+                self._beat_seconds.observe(time.perf_counter() - started)
                 self.breaker.judge(exc)
                 raise
+            self._beat_seconds.observe(time.perf_counter() - started)
             self.breaker.succeeded()
             return reply
         raise AssertionError("unreachable")

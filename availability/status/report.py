@@ -40,6 +40,15 @@ def error_of(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
+_SLOW_MIN_OPERATIONS = 10
+"""Fewer operations in an instance's recent window judge nothing (one slow sweep query on an
+idle instance is not a slow store)."""
+_STORES = {
+    "valkey": ("Valkey", "valkey_slow_seconds", "Valkey slow"),
+    "postgres": ("Postgres", "postgres_slow_seconds", "Postgres slow"),
+}
+
+
 async def _server(address: str, client: AvailabilityClient) -> dict[str, Any]:
     section: dict[str, Any] = {"address": address}
     try:
@@ -194,6 +203,7 @@ async def gather(
     if deployment is not None:
         _sweeps(report, deployment, now, problems, notes)
         _instances(report, deployment, problems, notes)
+        _stores(report, settings, problems)
     report["problems"] = problems
     report["notes"] = notes
     report["ok"] = not problems
@@ -288,6 +298,29 @@ def _instances(
             f"instances run {len(versions)} versions ({', '.join(versions)}): a rolling "
             "upgrade or rollback in progress, or one left behind"
         )
+
+
+def _stores(report: dict[str, Any], settings: Settings, problems: list[str]) -> None:
+    """A store whose recent p99 (as an instance saw it) passed its threshold, and a Postgres
+    pool with every connection in use and operations waiting."""
+    for instance, described in report["instances"].items():
+        for store, recent in sorted(described.get("store_seconds", {}).items()):
+            name, setting, runbook = _STORES[store]
+            limit = getattr(settings, setting)
+            if recent["operations"] >= _SLOW_MIN_OPERATIONS and recent["p99_seconds"] > limit:
+                problems.append(
+                    f"instance {instance}: {name} slow: p99 {recent['p99_seconds'] * 1000:.0f} "
+                    f"ms over its last {recent['operations']} operations in "
+                    f"{RECENT_SECONDS:.0f} s ({setting.upper()} {limit:g}); "
+                    f"see Runbook: {runbook}"
+                )
+        pool = described.get("postgres_pool")
+        if pool and pool["waiting"] and pool["in_use"] >= pool["max"]:
+            problems.append(
+                f"instance {instance}: Postgres pool exhausted: all {pool['max']} connections "
+                f"in use, {pool['waiting']} operations waiting; see Runbook: Postgres pool "
+                "exhausted"
+            )
 
 
 def version_of(instance: dict[str, Any]) -> str:

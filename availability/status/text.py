@@ -69,6 +69,15 @@ def _instance_line(name: str, instance: dict[str, Any]) -> str:
         f"  write errors {instance.get('valkey_write_errors')}"
         f"  listener {'up' if instance.get('postgres_listener_connected') else 'DOWN'}"
         f"  watchers {instance.get('watchers')}"
+        + "".join(
+            f"  {store} p99 {recent['p99_seconds'] * 1000:.1f} ms"
+            for store, recent in sorted(instance.get("store_seconds", {}).items())
+        )
+        + (
+            f"  pool {pool['in_use']}/{pool['max']} in use, {pool['waiting']} waiting"
+            if (pool := instance.get("postgres_pool"))
+            else ""
+        )
     )
 
 

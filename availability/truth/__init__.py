@@ -6,6 +6,7 @@ callers see one store."""
 from __future__ import annotations
 
 from .audit import Auditing
+from .connection import timed
 from .contract import _COUNT_AVAILABLE as _COUNT_AVAILABLE
 from .contract import _FIND_AVAILABLE as _FIND_AVAILABLE
 from .contract import _REVOKE_AUTH_SESSIONS as _REVOKE_AUTH_SESSIONS
@@ -21,5 +22,6 @@ from .sessions import AuthSessions
 from .upkeep import Upkeep
 
 
+@timed
 class Truth(Contract, Following, Dashboard, Auditing, Upkeep, Grants, AuthSessions):
     """The Postgres store: contract tables, migrations, and the queries over them."""

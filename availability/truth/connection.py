@@ -5,15 +5,19 @@ lost database with TruthUnavailable the same way."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Self
+from typing import Any, Self, TypeVar
 
 import asyncpg
 
 from ..errors import TruthUnavailable
 from ..settings import Settings
+from ..timing import StoreTimes
 
 # The package's one logger, whichever part logs: log lines keep saying availability.truth.
 log = logging.getLogger("availability.truth")
@@ -50,6 +54,23 @@ class TruthBase:
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self._pool = pool
         self._settings = settings
+        self._waiting = 0
+        self.seconds = StoreTimes(
+            "availability_postgres_seconds",
+            "Time of a Postgres operation as this process sees it (waiting for a pooled "
+            "connection included), by operation: the store's method.",
+        )
+
+    def pool(self) -> dict[str, int]:
+        """The pool's connections: open (size), in use, the most it opens (max), and the
+        callers waiting for one (waiting: above 0, the pool is exhausted)."""
+        size = self._pool.get_size()
+        return {
+            "size": size,
+            "in_use": size - self._pool.get_idle_size(),
+            "max": self._pool.get_max_size(),
+            "waiting": self._waiting,
+        }
 
     @classmethod
     async def connect(cls, settings: Settings) -> Self:
@@ -76,8 +97,47 @@ class TruthBase:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[_Connectionish]:
+        self._waiting += 1
         try:
-            async with self._pool.acquire(timeout=self._settings.database_timeout_seconds) as conn:
-                yield conn
+            conn = await self._pool.acquire(timeout=self._settings.database_timeout_seconds)
         except _UNREACHABLE as exc:
             raise TruthUnavailable(exc) from exc
+        finally:
+            self._waiting -= 1
+        try:
+            yield conn
+        except _UNREACHABLE as exc:
+            raise TruthUnavailable(exc) from exc
+        finally:
+            try:
+                await self._pool.release(conn)
+            except _UNREACHABLE as exc:
+                raise TruthUnavailable(exc) from exc
+
+
+_T = TypeVar("_T", bound=type)
+_NOT_OPERATIONS = frozenset({"close"})
+
+
+def timed(cls: _T) -> _T:
+    """Every public coroutine method of the store, timed as its name in `seconds`: one place
+    that names each operation, so no query site has to. Async iterators and context
+    managers (the reconcile's snapshot, the listener's connection) are not operations."""
+    for klass in reversed(cls.__mro__):
+        for name, method in vars(klass).items():
+            operation = not name.startswith("_") and name not in _NOT_OPERATIONS
+            if operation and inspect.iscoroutinefunction(method):
+                setattr(cls, name, _timing(name, method))
+    return cls
+
+
+def _timing(op: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(method)
+    async def timing(self: TruthBase, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self.seconds.observe(op, time.perf_counter() - started)
+
+    return timing
