@@ -133,9 +133,12 @@ class DemoTraffic:
         self.errors: Counter[str] = Counter()
         """Calls that failed since the last report line, by 'Method CODE'."""
         self._late = 0.0
+        self.started = asyncio.Event()
+        """Set once it knows its fleet (mitras added later are not its own)."""
 
     async def run(self) -> None:
         await self._start()
+        self.started.set()
         self._go_quiet()
         async with asyncio.TaskGroup() as tasks:
             for loop in (

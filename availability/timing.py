@@ -75,11 +75,12 @@ class StoreTimes:
         count = window[-1]
         if count <= 0:
             return Recent(0, 0.0, 0.0)
-        return Recent(int(count), (last_sum - first_sum) / count, _quantile(0.99, window))
+        return Recent(int(count), (last_sum - first_sum) / count, quantile(0.99, window))
 
 
-def _quantile(q: float, cumulative: list[float]) -> float:
-    """histogram_quantile over cumulative bucket counts (the last is +Inf: its lower bound)."""
+def quantile(q: float, cumulative: list[float]) -> float:
+    """histogram_quantile over cumulative bucket counts of BUCKETS and +Inf (a rank in the
+    +Inf bucket reads as the highest bound)."""
     rank = q * cumulative[-1]
     lower, below = 0.0, 0.0
     for bound, count in zip((*BUCKETS, _INF), cumulative, strict=True):
