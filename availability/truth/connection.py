@@ -123,11 +123,15 @@ def timed(cls: _T) -> _T:
     """Every public coroutine method of the store, timed as its name in `seconds`: one place
     that names each operation, so no query site has to. Async iterators and context
     managers (the reconcile's snapshot, the listener's connection) are not operations."""
-    for klass in reversed(cls.__mro__):
-        for name, method in vars(klass).items():
-            operation = not name.startswith("_") and name not in _NOT_OPERATIONS
-            if operation and inspect.iscoroutinefunction(method):
-                setattr(cls, name, _timing(name, method))
+    methods = {
+        name: method
+        for klass in reversed(cls.__mro__)
+        for name, method in vars(klass).items()
+        if not name.startswith("_") and name not in _NOT_OPERATIONS
+    }
+    for name, method in methods.items():
+        if inspect.iscoroutinefunction(method):
+            setattr(cls, name, _timing(name, method))
     return cls
 
 
