@@ -116,6 +116,9 @@ def test_the_issue_s_alerts_exist_and_each_links_its_runbook_entry() -> None:
         "AvailabilityRpcErrors",
         "AvailabilityRpcLatencyHigh",
         "AvailabilityWatchOverflows",
+        "AvailabilityValkeySlow",
+        "AvailabilityPostgresSlow",
+        "AvailabilityPostgresPoolExhausted",
     } <= set(alerts)
     readme = README.read_text()
     runbook = readme[readme.index("### Runbook") :]
@@ -159,6 +162,8 @@ def test_the_dashboard_is_an_importable_grafana_dashboard() -> None:
     for shown in ("rpc rate", "errors", "latency", "fallbacks", "breaker", "sweep runs"):
         assert shown in titles
     for shown in ("sweep duration", "affected", "drift", "watchers", "online and available"):
+        assert shown in titles
+    for shown in ("valkey operation time", "postgres operation time", "postgres pool", "rss"):
         assert shown in titles
 
 
