@@ -47,7 +47,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -388,7 +388,8 @@ class _Run:
         await self._until(warm)
         self.soak.baseline = _p99(before, _buckets(await _scrape(port)))
         turn = 0
-        while self.now + fault_every <= seconds + 1:
+        while (start := warm + turn * fault_every) + fault_every <= seconds + 1:
+            await self._until(start)
             kind = FAULTS[turn % len(FAULTS)]
             turn += 1
             fault = Fault(kind, self.now)
@@ -398,7 +399,7 @@ class _Run:
             await self._inflict(fault, address)
             fault.ended = self.now
             tally.phase = f"after {kind}"
-            end = fault.started + fault_every
+            end = start + fault_every
             await self._until(end - self.recovered_seconds)
             before = _buckets(await _scrape(port))
             await self._until(end)
@@ -424,23 +425,25 @@ class _Run:
             delay = VALKEY_DELAY if fault.kind == "valkey slow" else POSTGRES_DELAY
             proxies.call(proxy, proxy.slow, 0.0, delay)
             try:
-                fault.named = await self._named(fault.kind, address, until)
+                async with asyncio.timeout(max(0.1, until - self.now)):
+                    fault.named = await self._named(fault.kind, address)
                 await self._until(until)
+            except TimeoutError:
+                fault.named = False
             finally:
                 proxies.call(proxy, proxy.heal)
         await self._until(until)
 
-    async def _named(self, kind: str, address: str, until: float) -> bool:
-        """Whether `availability status` names the slow store before the fault ends."""
+    async def _named(self, kind: str, address: str) -> bool:
+        """Once `availability status` names the slow store (the caller bounds the wait)."""
         settings = Settings.from_env(self.env)
         store = "Valkey slow" if kind == "valkey slow" else "Postgres slow"
-        while self.now < until - 2:
+        while True:
             with contextlib.suppress(Exception):
-                report = await gather(replace(settings), address=address, timeout=3.0)
+                report = await gather(settings, address=address, timeout=3.0)
                 if any(store in problem for problem in report["problems"]):
                     return True
             await asyncio.sleep(1.0)
-        return False
 
     async def _sample(self, db: asyncpg.Pool, valkey: aredis.Redis, every: float) -> None:
         last = _buckets(await _scrape(self.metrics_port))

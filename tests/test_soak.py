@@ -1,0 +1,36 @@
+"""The short version of `make soak`: the same load, faults, sampling and checks for two
+minutes, with a fault every 25 s (Valkey restarted, Valkey slow, Postgres slow, Postgres
+restarted). The invariant holds, no caller sees a code it should not, `availability status`
+names each slow store, the stores agree afterwards, nothing grows and p99 comes back."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import soak
+
+
+@pytest.mark.slow
+async def test_two_minutes_of_load_and_faults_leak_nothing_and_break_nothing() -> None:
+    # A minute's trend moves more than an hour's: the 2-minute run is warm-up and four faults,
+    # so it allows a fifth where `make soak` allows 5 % (over its last 30 minutes).
+    outcome = await soak.run(
+        2.0,
+        fault_every=25.0,
+        sample_seconds=10.0,
+        mitras=200,
+        fault_seconds=10.0,
+        recovered_seconds=10.0,
+        max_growth=0.2,
+    )
+
+    assert outcome.problems == []
+    assert [f.kind for f in outcome.faults] == list(soak.FAULTS)
+    assert [f.named for f in outcome.faults if "slow" in f.kind] == [True, True]
+    assert len(outcome.samples) >= 10
+    for sample in outcome.samples:
+        assert set(sample.resources) == set(soak.RESOURCES)
+        assert sample.resources["rss_mb"] > 0 and sample.resources["fds"] > 0
+        assert sample.resources["tasks"] > 0
+    assert sum(outcome.invariant.reads.values()) > 0
+    assert outcome.baseline.get("FindAvailableMitras", 0) > 0
