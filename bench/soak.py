@@ -137,6 +137,7 @@ class Soak:
     demo: str = ""
     fault_seconds: float = FAULT_SECONDS
     recovered_seconds: float = RECOVERED_SECONDS
+    back_factor: float = BACK_FACTOR
 
 
 class _Proxies:
@@ -264,6 +265,7 @@ async def run(
     fault_seconds: float = FAULT_SECONDS,
     recovered_seconds: float = RECOVERED_SECONDS,
     max_growth: float = 0.05,
+    back_factor: float = BACK_FACTOR,
     report: Path | None = None,
     plot: Path | None = None,
 ) -> Soak:
@@ -280,6 +282,7 @@ async def run(
             await stores.close()
         errors = await asyncio.to_thread(chaos._logged_errors, folder)
         soak.problems += [f"the server logged: {e}" for e in errors[:5]]
+    soak.back_factor = back_factor
     _judge(soak, minutes * 60, max_growth)
     lines = _report(soak, minutes, fault_every, sample_seconds, mitras, plot)
     print("\n".join(lines))
@@ -687,7 +690,11 @@ def _judge(soak: Soak, seconds: float, max_growth: float) -> None:
     for fault in soak.faults:
         for method in CHECKED_METHODS:
             base, after = soak.baseline.get(method), fault.p99_after.get(method)
-            if base is not None and after is not None and after > BACK_FACTOR * base + BACK_SLACK:
+            if (
+                base is not None
+                and after is not None
+                and after > soak.back_factor * base + BACK_SLACK
+            ):
                 soak.problems.append(
                     f"{method} p99 {after * 1000:.1f} ms before the fault after "
                     f"{fault.kind} at {fault.started / 60:.1f} min, baseline {base * 1000:.1f} ms"
@@ -744,7 +751,7 @@ def _report(
         "",
         f"p99 (ms) over the last {soak.recovered_seconds:.0f} s before the next fault, against"
         f" the last {soak.recovered_seconds:.0f} s of the warm-up (baseline); back: at most"
-        f" {BACK_FACTOR:g} x baseline + {BACK_SLACK * 1000:.0f} ms. Slow store named: whether"
+        f" {soak.back_factor:g} x baseline + {BACK_SLACK * 1000:.0f} ms. Slow store named: whether"
         " `availability status` listed it as a problem while it lasted.",
         "",
         "| fault | at (min) | named | " + " | ".join(CHECKED_METHODS) + " |",
