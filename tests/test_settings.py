@@ -57,6 +57,8 @@ def test_values_are_parsed_by_name() -> None:
         ("DEFAULT_MAX_CONCURRENT_SESSIONS", "0"),
         ("LOG_FORMAT", "xml"),
         ("LOG_SLOW_RPC_SECONDS", "0"),
+        ("VALKEY_SLOW_SECONDS", "0"),
+        ("POSTGRES_SLOW_SECONDS", "slow"),
     ],
 )
 def test_bad_value_names_the_setting(name: str, value: str) -> None:
