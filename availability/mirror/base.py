@@ -77,9 +77,7 @@ class MirrorBase:
     async def _run(self, script: _Script, *args: object) -> Any:
         return await self._run_with(script, (), args)
 
-    async def _run_with(
-        self, script: _Script, keys: Sequence[str], args: Sequence[object]
-    ) -> Any:
+    async def _run_with(self, script: _Script, keys: Sequence[str], args: Sequence[object]) -> Any:
         """A script on the whole mirror's keys (as the prelude names them) and then its own."""
         self.breaker.check()
         try:
