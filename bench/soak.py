@@ -74,9 +74,9 @@ FAULTS = ("valkey restart", "valkey slow", "postgres slow", "postgres restart")
 FAULT_SECONDS = 30.0
 """How long a slow store stays slow, and how long after a restart began its phase lasts."""
 VALKEY_DELAY = 0.08
-POSTGRES_DELAY = 0.2
+POSTGRES_DELAY = 0.6
 """Seconds the proxy holds each chunk towards the server: above VALKEY_SLOW_SECONDS (0.05)
-and, over a write's round trips, POSTGRES_SLOW_SECONDS (0.5)."""
+and POSTGRES_SLOW_SECONDS (0.5); a write is one round trip, so its time is about the delay."""
 RECOVERED_SECONDS = 60.0
 """The p99 after a fault: over this long just before the next one (the baseline: the same
 length at the end of the warm-up)."""
