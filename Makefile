@@ -18,7 +18,7 @@ PROTOS := $(wildcard protos/availability/v1/*.proto)
 NODE_CLIENT := clients/node
 NODE_STAMP := $(NODE_CLIENT)/node_modules/.installed
 
-.PHONY: run reset test check test-node lint protos check-protos check-wire install lock upgrade image image-base clean bench bench-quick chaos chaos-cluster soak
+.PHONY: docs run reset test check test-node lint protos check-protos check-wire install lock upgrade image image-base clean bench bench-quick chaos chaos-cluster soak
 
 $(UV): requirements/uv.txt
 	$(PYTHON) -m venv $(TOOLS)
@@ -52,6 +52,12 @@ reset: $(STAMP)
 protos: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iprotos \
 		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+
+# docs/api/reference.md from the protos' comments, docs/configuration.md from the CLI parser
+# and Settings; tests/test_docs.py fails when they are out of date.
+docs: $(STAMP)
+	$(BIN)/python -m tools.api_reference
+	$(BIN)/python -m tools.configuration
 
 # Fails when protos/ and the committed generated code disagree.
 check-protos: $(STAMP)

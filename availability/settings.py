@@ -26,56 +26,141 @@ class SettingsError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str
+    """Postgres DSN (`postgresql://...`)"""
     valkey_url: str
+    """`redis://` or `valkey://` URL of one node, `rediss://` or `valkeys://` for TLS (with
+    `VALKEY_CLUSTER`, any node of the cluster; with Sentinel, only its scheme, credentials and
+    database are used)"""
     grpc_address: str = "127.0.0.1:50051"
+    """listen address; beyond loopback needs `AUTH_CALLERS_FILE`, `AUTH_TOKENS`, mutual TLS or
+    `ALLOW_INSECURE_NETWORK=true`"""
     heartbeat_stale_seconds: float = 90.0
+    """a heartbeat older than this is stale"""
     mitra_auto_offline_sweep_seconds: float = 30.0
+    """cadence of the auto-offline sweep"""
     heartbeat_mirror_interval_seconds: float = 60.0
+    """cadence of the heartbeat flush to Postgres"""
     valkey_online_mirror_sweep_seconds: float = 300.0
+    """cadence of the reconcile (mirror rebuilt from Postgres)"""
     valkey_cluster: bool = False
+    """`true`: `VALKEY_URL` is a seed node of a Valkey (or Redis) Cluster (see Deployment)"""
     valkey_sentinels: tuple[str, ...] = ()
+    """comma-separated sentinel `host:port` list: Sentinel mode (see Deployment); not with
+    `VALKEY_CLUSTER`"""
     valkey_sentinel_master: str = ""
+    """the name the sentinels monitor the master by; required with `VALKEY_SENTINELS`"""
     valkey_sentinel_password: str = field(default="", repr=False)
+    """the sentinels' own password, if they have one (the data nodes' is in `VALKEY_URL`)"""
     valkey_key_prefix: str = "availability"
+    """the keys' hash tag; deployments sharing a Valkey use different ones"""
     default_max_concurrent_sessions: int = 3
+    """default of `mitras.max_concurrent_sessions` (applied by migrate)"""
     beacon_ttl_seconds: float = 10.0
+    """age limit of the shared `CountAvailableMitras` snapshot"""
     auto_offline_batch: int = 10_000
+    """most stale mitras one sweep looks at"""
     mass_stale_share: float = 0.5
+    """the guard trips above this share of online mitras stale at once..."""
     mass_stale_min: int = 20
+    """...and above this many"""
     mass_stale_max_per_sweep: int = 100
+    """at most this many go offline per sweep while it is tripped"""
     database_pool_size: int = 10
+    """Postgres connections per process"""
     watch_retained_changes: int = 10_000
+    """changes kept for `WatchAvailableMitras` resumes (in the Valkey stream and in each
+    instance's memory); an older `resume_revision` gets a fresh snapshot"""
     watch_buffer_events: int = 1_000
+    """changes one watcher may fall behind; beyond that its backlog is dropped and it gets a
+    fresh snapshot instead"""
     watch_max_streams: int = 5_000
+    """watches one instance serves at once; past it a new watch gets `RESOURCE_EXHAUSTED`"""
     grpc_max_message_bytes: int = 4 * 1024 * 1024
+    """largest request accepted; larger ones get `RESOURCE_EXHAUSTED`"""
     grpc_max_concurrent_rpcs: int = 10_000
+    """calls (watches included) one process runs at once; past it `RESOURCE_EXHAUSTED` at once
+    rather than an unbounded queue"""
     grpc_max_connection_age_seconds: float = 0.0
+    """a client connection older than this (+-10 % jitter) is sent a GOAWAY: the client
+    reconnects and resolves the name again, so long-lived clients of a headless Service
+    reach instances added since; `300` in the Kubernetes overlay"""
     grpc_max_connection_age_grace_seconds: float = 30.0
+    """after that GOAWAY, how long calls in flight (watches included) may go on before the
+    connection is closed; a watch then resumes by revision"""
     database_timeout_seconds: float = 5.0
+    """bound on a Postgres connect, acquire or statement"""
     valkey_timeout_seconds: float = 0.25
+    """a Valkey call slower than this fails over to Postgres"""
     valkey_breaker_failures: int = 3
+    """after this many Valkey calls in a row fail (refused, reset, timed out), the breaker
+    opens: calls go to Postgres at once instead of each waiting out the timeout"""
     valkey_breaker_seconds: float = 1.0
+    """how long it stays open before one call probes Valkey again; any answer closes it"""
     valkey_slow_seconds: float = 0.05
+    """`availability status` names Valkey slow when an instance's p99 of Valkey operations over
+    its last 10 s (10 operations or more) is above this (see Runbook: Valkey slow)"""
     postgres_slow_seconds: float = 0.5
+    """the same for Postgres operations, the wait for a pooled connection included (see
+    Runbook: Postgres slow)"""
     allow_insecure_network: bool = False
+    """serve a non-loopback `GRPC_ADDRESS` with neither tokens, callers nor mutual TLS"""
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    """the simple mode: comma-separated bearer tokens; every call must send `authorization:
+    Bearer <token>` with one of them, else `UNAUTHENTICATED`, and any of them may call
+    everything. Several at once for rotation: add the new one, move the callers, drop the
+    old one. Compared in constant time, every token every time; never logged. Not with
+    `AUTH_CALLERS_FILE` (start-up refuses both)"""
     auth_callers_file: str = ""
+    """TOML file of named callers: `[callers.NAME]` with `token_sha256`, `tls_identities`,
+    `scopes` (`presence`, `read`, `load`, `admin`, `dashboard`, `*`) and limits
+    (`max_in_flight`, `max_calls_per_second`, `burst`); reloaded on change and on `SIGHUP`;
+    not with `AUTH_TOKENS` (see Security)"""
     auth_callers_poll_seconds: float = 1.0
+    """how often each process checks the file's content for a change (SIGHUP reloads at once)"""
     auth_refusals_per_peer_per_second: float = 20.0
+    """past this many calls a second with missing or unknown credentials from one peer address,
+    such calls get `RESOURCE_EXHAUSTED` with `retry-after-ms` instead of `UNAUTHENTICATED`;
+    known callers on the same host are never held back; `0`: no limit"""
     tls_cert_file: str = ""
+    """serve TLS with this certificate chain (PEM) and `TLS_KEY_FILE`; plaintext is then
+    refused"""
     tls_key_file: str = ""
+    """the key of `TLS_CERT_FILE` (PEM)"""
     tls_client_ca_file: str = ""
+    """mutual TLS: clients must present a certificate this CA signed; with `AUTH_CALLERS_FILE`,
+    the certificate may also name the caller (`tls_identities`)"""
     grpc_reflection: bool = True
+    """server reflection (what grpcurl needs to list and describe); `false` turns it off"""
     metrics_address: str = "127.0.0.1:9464"
+    """where Prometheus metrics are served; empty: off (see Metrics)"""
     migrate_on_start: bool = True
+    """`serve` applies pending migrations first"""
     chat_session_triggers: bool = True
+    """`false`: `migrate` drops every trigger of ours on `chat_sessions`, for a chat backend
+    that calls `RecomputeLoad` itself (see Cost to your database: what is then lost); `true`
+    puts them back and recounts. Set it alike on every instance"""
     change_poll_seconds: float = 0.02
+    """how often each instance takes the changes the triggers noted (`availability_changes`);
+    load converges within about this plus a resync"""
     load_poll_seconds: float = 0.0
+    """with `CHAT_SESSION_TRIGGERS=false` only: how often one instance (whoever holds an
+    advisory lock; another takes over when it goes) reads every loaded mitra's load from the
+    load index and resyncs those that moved, so loads still follow a backend that never
+    calls `RecomputeLoad`, at a fixed cost per poll instead of one per write (see Cost to
+    your database). `0`: not at all"""
     log_level: str = "INFO"
+    """`DEBUG` (a line for every call), `INFO`, `WARNING` or `ERROR`"""
     log_format: str = "auto"
+    """`json` (one object a line), `text`, or `auto`: text at a terminal, JSON otherwise (see
+    Logs and traces)"""
     log_slow_rpc_seconds: float = 0.5
+    """a unary call slower than this is logged as a warning"""
     startup_timeout_seconds: float = 300.0
+    """how long `serve` and `migrate` wait for Postgres at start-up before exiting with code 1
+    (see Deployment: start in any order)"""
     mirror_layout: int = MIRROR_LAYOUT
+    """the mirror's layout version, an integer (`2`); leave it unset (tests and `make chaos`
+    set it to play a newer release, see Valkey in production: rolling upgrades)"""
 
     @property
     def truth_freshness_seconds(self) -> float:
