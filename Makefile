@@ -84,12 +84,12 @@ check-wire: $(STAMP)
 	$(BIN)/buf breaking --against '.git#ref=$(PREVIOUS_RELEASE)'
 	@echo "protos/ keep the wire contract of $(PREVIOUS_RELEASE)"
 
-# The whole suite, serially by default: that is what CI runs, and it is stable. TEST_WORKERS=4
-# runs it in parallel, a test file to a worker (each worker with its own database, key
-# prefixes and ports): about 5 minutes instead of about 14, but on 2 cores some timing-
-# sensitive tests (watch ordering, the load poll, eviction, the 0.1.0 bite) fail now and then
-# (CONTRIBUTING.md). xdist's loadgroup does not group under pytest 9 (checked), so loadfile.
-TEST_WORKERS ?= 0
+# The whole suite in 4 pytest-xdist workers on 2 cores (most tests wait on servers, not the
+# CPU), a test file to a worker, each worker with its own database, key prefixes and ports;
+# the files with a slow test start first, the Node client's suite among them
+# (tests/test_node_client.py). TEST_WORKERS=0 runs it serially. xdist's loadgroup does not
+# group under pytest 9 (checked), so loadfile.
+TEST_WORKERS ?= 4
 PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 # The suite's temporary folders live under build/, not pytest's shared /tmp/pytest-of-$USER,
 # whose mode every pytest that starts resets to 0700: a local Postgres started as the postgres
