@@ -65,8 +65,8 @@ async def _migrate(settings: Settings, contract: bool) -> None:
     if pending:
         print(
             f"{len(pending)} contract step(s) pending ({', '.join(pending)}): run "
-            "`availability migrate --contract` once no older release runs (README: Upgrades "
-            "and rollbacks)"
+            "`availability migrate --contract` once no older release runs (docs/deployment.md: "
+            "Upgrades and rollbacks)"
         )
 
 

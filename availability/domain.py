@@ -373,7 +373,8 @@ changes_log = logging.getLogger("availability.changes")
 def changed(action: str, mitra_id: UUID, before: bool, after: bool, by: str = "") -> None:
     """Every change of a mitra's presence is attributable: one INFO line with who made it
     (the caller, or the sweep), which mitra, online before and after, and the request id
-    (the log line's context). The audit table keeps the admin changes (README: why not all)."""
+    (the log line's context). The audit table keeps the admin changes (docs/security.md:
+    Audit, why not all)."""
     request = current.get()
     who = by or (request.caller if request is not None else UNIDENTIFIED)
     changes_log.info(

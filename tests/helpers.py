@@ -238,10 +238,10 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 def required_tool(name: str) -> str:
     """The tool's path; a skip when it is missing, a failure under CI=true (.ci/run installs
-    every tool a test needs; README: Development lists them)."""
+    every tool a test needs; CONTRIBUTING.md: CI lists them)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (.ci/run installs it; see README: Development)"
+        message = f"{name} is not installed (.ci/run installs it; see CONTRIBUTING.md: CI)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)

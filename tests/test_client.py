@@ -72,7 +72,7 @@ async def test_every_rpc_returns_the_services_own_types(
 async def test_the_pairing_service_blasts_from_the_live_set(
     client: AvailabilityClient, fleet: Fleet
 ) -> None:
-    """The README's example, with the chats and the blast made up."""
+    """docs/clients.md's example, with the chats and the blast made up."""
     idle, busy, declined = [await fleet.mitra(n) for n in ("Idle", "Busy", "Declined")]
     for mitra in (idle, busy, declined):
         await client.set_online(mitra)

@@ -1,6 +1,6 @@
 """deploy/kubernetes: the base and the example overlay, rendered by kustomize (the one built
 into kubectl), are valid objects of a pinned Kubernetes release's schemas, and hold what the
-README's "Deploy on Kubernetes" promises: probes on the health service, a drain that fits the
+deploy/kubernetes/README.md promises: probes on the health service, a drain that fits the
 server's, settings the service accepts, migrations in a Job and not at start-up.
 
 kubectl is required: without it these tests skip, except under CI=true, where they fail."""
@@ -214,8 +214,8 @@ def test_the_settings_and_the_example_secrets_are_settings_the_service_accepts()
 
 
 def test_the_readme_s_first_apply_holds_what_the_job_needs_and_no_server() -> None:
-    """README, apply order: `kubectl apply -k ... -l 'app.kubernetes.io/component!=server'`
-    before the Job is waited for, then everything."""
+    """deploy/kubernetes/README.md, apply order: `kubectl apply -k ... -l
+    'app.kubernetes.io/component!=server'` before the Job is waited for, then everything."""
     objects = render(OVERLAY)
     first = [
         o

@@ -41,7 +41,8 @@ RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "rules.test.yml"
 PROMETHEUS_RULE = ROOT / "deploy" / "kubernetes" / "monitoring" / "prometheusrule.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "availability.json"
-README = ROOT / "README.md"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+ALERTS_TABLE = ROOT / "deploy" / "kubernetes" / "README.md"
 
 SCRAPE_SECONDS = 2
 """The live Prometheus's scrape and evaluation interval."""
@@ -120,17 +121,18 @@ def test_the_issue_s_alerts_exist_and_each_links_its_runbook_entry() -> None:
         "AvailabilityPostgresSlow",
         "AvailabilityPostgresPoolExhausted",
     } <= set(alerts)
-    readme = README.read_text()
-    runbook = readme[readme.index("### Runbook") :]
-    runbook = runbook[: runbook.index("\n## ")]
+    runbook = RUNBOOK.read_text()
+    runbook = runbook[runbook.index("## Runbook") :]
+    alerting = ALERTS_TABLE.read_text()
     for name, rule in alerts.items():
         url = rule["annotations"]["runbook_url"]
-        anchor = url.removeprefix("README.md#")
-        assert url == f"README.md#{anchor}", (name, url)
+        anchor = url.removeprefix("docs/runbook.md#")
+        assert url == f"docs/runbook.md#{anchor}", (name, url)
         assert f'<a id="{anchor}"></a>' in runbook, f"{name}: no runbook entry {anchor}"
         assert rule["labels"]["severity"] in {"critical", "warning"}, name
-        # The README's table of alerts names each one, with its runbook link.
-        assert f"`{name}`" in readme and f"(#{anchor})" in readme, name
+        # The Kubernetes guide's table of alerts names each one, with its runbook link.
+        assert f"`{name}`" in alerting, name
+        assert f"(../../docs/runbook.md#{anchor})" in alerting, name
 
 
 def test_the_prometheus_rule_object_carries_rules_yml() -> None:

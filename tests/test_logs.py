@@ -215,7 +215,8 @@ def test_the_served_process_writes_json_lines(settings: Settings, tmp_path: Path
 def test_opentelemetry_instrument_prints_the_calls_spans_to_the_console(
     settings: Settings, tmp_path: Path
 ) -> None:
-    """README: Logs and traces, as on-call runs it with the `otel` extra's packages."""
+    """docs/observability.md: Logs and traces, as on-call runs it with the `otel` extra's
+    packages."""
     from .test_process import _free_port, _wait_serving
 
     address = f"127.0.0.1:{_free_port()}"

@@ -191,7 +191,7 @@ async def test_hot_queries_use_indexes_on_large_tables(db: asyncpg.Connection) -
 def test_every_step_says_which_releases_it_keeps_working() -> None:
     """Expand steps keep the last release working (it may run beside this one, or instead of
     it after a rollback); only contract steps may break it, and a plain migrate applies them
-    by itself only from a later release on (README: Upgrades and rollbacks)."""
+    by itself only from a later release on (docs/deployment.md: Upgrades and rollbacks)."""
     previous = tomllib.loads((ROOT / "releases.toml").read_text())["release"][-1]["version"]
     steps = schema.steps()
     assert [s.name for s in steps] == sorted(s.name for s in steps)

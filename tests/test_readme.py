@@ -1,4 +1,5 @@
-"""Every README block works when pasted: the shell blocks run, as written, next to a
+"""Every block of the project's docs (README.md, CONTRIBUTING.md, docs/, deploy/, bench/)
+works when pasted: the shell blocks run, as written, next to a
 `make run` (`availability dev` with its demo fleet and its `.data/dev.env`), from a folder
 laid out like the checkout; each Python block is a file under examples/ that a shell block
 runs. A block that is not meant to run there says why, in `<!-- not run: why -->` just above
@@ -34,6 +35,7 @@ STATUS = "__readme_exit__"
 
 @dataclass(frozen=True)
 class Block:
+    document: str
     line: int
     language: str
     text: str
@@ -46,18 +48,38 @@ class Block:
         return [c for c in joined.splitlines() if c.strip() and not c.lstrip().startswith("#")]
 
 
+DOCUMENTS = (
+    "README.md",
+    "CONTRIBUTING.md",
+    "docs/*.md",
+    "docs/*/*.md",
+    "deploy/**/*.md",
+    "bench/README.md",
+)
+"""The project's own docs (the Node client's README shows npm and TypeScript: its own
+tests run those)."""
+
+
+def documents() -> list[Path]:
+    return sorted({p for pattern in DOCUMENTS for p in ROOT.glob(pattern)})
+
+
 def readme_blocks() -> list[Block]:
-    lines = (ROOT / "README.md").read_text().splitlines()
-    blocks, i = [], 0
-    while i < len(lines):
-        if lines[i].startswith("```"):
-            end = lines.index("```", i + 1)
-            above = next((line for line in reversed(lines[:i]) if line.strip()), "")
-            marker = NOT_RUN.fullmatch(above.strip())
-            text = "".join(f"{line}\n" for line in lines[i + 1 : end])
-            blocks.append(Block(i + 1, lines[i][3:].strip(), text, marker and marker[1]))
-            i = end
-        i += 1
+    blocks = []
+    for document in documents():
+        lines = document.read_text().splitlines()
+        name = str(document.relative_to(ROOT))
+        i = 0
+        while i < len(lines):
+            if lines[i].startswith("```"):
+                end = lines.index("```", i + 1)
+                above = next((line for line in reversed(lines[:i]) if line.strip()), "")
+                marker = NOT_RUN.fullmatch(above.strip())
+                text = "".join(f"{line}\n" for line in lines[i + 1 : end])
+                language = lines[i][3:].strip()
+                blocks.append(Block(name, i + 1, language, text, marker and marker[1]))
+                i = end
+            i += 1
     return blocks
 
 
@@ -69,6 +91,7 @@ def test_every_readme_block_runs_or_says_why_not() -> None:
     blocks = readme_blocks()
     shell = [b for b in blocks if b.language in SHELL]
     assert len(_to_run()) >= 5 and any(b.not_run for b in shell), [b.line for b in shell]
+    assert {b.document for b in _to_run()} > {"README.md"}, "the docs' blocks run too"
     assert all(b.not_run is None for b in blocks if b.language not in SHELL)
     examples = {p.read_text(): p for p in (ROOT / "examples").glob("*.py")}
     python = [b for b in blocks if b.language == "python"]
@@ -143,7 +166,7 @@ def test_readme_shell_blocks_work_next_to_make_run(settings: Settings, tmp_path:
         for block in _to_run():
             started = time.monotonic()
             for command, code, output in _run(block, folder, env):
-                where = f"README line {block.line}: {command}\n{output}"
+                where = f"{block.document} line {block.line}: {command}\n{output}"
                 fails = MEANT_TO_FAIL.search(command)
                 assert code == (int(fails[2]) if fails else 0), where
                 if fails:
@@ -154,7 +177,7 @@ def test_readme_shell_blocks_work_next_to_make_run(settings: Settings, tmp_path:
                 if not re.match(r"\w+=", command):
                     assert output.strip(), where
                 assert "Traceback" not in output, where
-            print(f"README line {block.line}: {time.monotonic() - started:.1f} s")
+            print(f"{block.document} line {block.line}: {time.monotonic() - started:.1f} s")
     finally:
         process.send_signal(signal.SIGINT)
         try:

@@ -60,10 +60,14 @@ def _comment(comments: dict[tuple[int, ...], str], *path: int) -> str:
     return " ".join(line.strip() for line in comments.get(path, "").strip().splitlines())
 
 
-def _type(field: descriptor_pb2.FieldDescriptorProto) -> str:
-    name = field.type_name.rsplit(".", 1)[-1] if field.type_name else _TYPES[field.type]
-    if field.type_name and not field.type_name.startswith(".google."):
-        name = f"[{name}](#{name.lower()})"
+def _type(field: descriptor_pb2.FieldDescriptorProto, package: str) -> str:
+    if not field.type_name:
+        name = _TYPES[field.type]
+    elif field.type_name.startswith(".google."):
+        name = field.type_name.rsplit(".", 1)[-1]
+    else:  # Outer.Inner for a nested type, as its heading says
+        name = field.type_name.removeprefix(f".{package}.")
+        name = f"[{name}](#{name.replace('.', '').lower()})"
     if field.label == descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED:
         return f"repeated {name}"
     if field.proto3_optional:
@@ -111,7 +115,8 @@ def _render(file: descriptor_pb2.FileDescriptorProto) -> Iterator[str]:
                 if field.HasField("oneof_index") and not field.proto3_optional:
                     oneof = f" (one of `{message.oneof_decl[field.oneof_index].name}`)"
                 meaning = _comment(comments, _MESSAGE, i, _FIELD, f)
-                yield f"| `{field.name}` | {field.number} | {_type(field)}{oneof} | {meaning} |"
+                kind = _type(field, file.package)
+                yield f"| `{field.name}` | {field.number} | {kind}{oneof} | {meaning} |"
             yield ""
         else:
             yield "No fields."

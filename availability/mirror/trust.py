@@ -136,7 +136,7 @@ class TrustMixin(MirrorBase):
             log.error(
                 "Valkey's maxmemory-policy is %s, not noeviction: an evicted key would be a "
                 "silent wrong answer. Every eviction distrusts the mirror until a reseed; set "
-                "maxmemory-policy noeviction (README: Valkey in production)",
+                "maxmemory-policy noeviction (docs/deployment.md: Valkey in production)",
                 check.maxmemory_policy,
             )
 

@@ -184,8 +184,8 @@ async def gather(
     elif postgres["contract_pending"]:
         notes.append(
             f"contract steps pending ({', '.join(postgres['contract_pending'])}): once no "
-            "older release runs, `availability migrate --contract` (README: Upgrades and "
-            "rollbacks)"
+            "older release runs, `availability migrate --contract` (docs/deployment.md: "
+            "Upgrades and rollbacks)"
         )
     if "error" not in postgres and postgres["standby"]:
         problems.append(
