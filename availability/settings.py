@@ -43,9 +43,10 @@ class Settings:
     valkey_online_mirror_sweep_seconds: float = 300.0
     """cadence of the reconcile (mirror rebuilt from Postgres)"""
     valkey_cluster: bool = False
-    """`true`: `VALKEY_URL` is a seed node of a Valkey (or Redis) Cluster (see Deployment)"""
+    """`true`: `VALKEY_URL` is a seed node of a Valkey (or Redis) Cluster (see
+    docs/deployment.md)"""
     valkey_sentinels: tuple[str, ...] = ()
-    """comma-separated sentinel `host:port` list: Sentinel mode (see Deployment); not with
+    """comma-separated sentinel `host:port` list: Sentinel mode (see docs/deployment.md); not with
     `VALKEY_CLUSTER`"""
     valkey_sentinel_master: str = ""
     """the name the sentinels monitor the master by; required with `VALKEY_SENTINELS`"""
@@ -98,7 +99,7 @@ class Settings:
     """how long it stays open before one call probes Valkey again; any answer closes it"""
     valkey_slow_seconds: float = 0.05
     """`availability status` names Valkey slow when an instance's p99 of Valkey operations over
-    its last 10 s (10 operations or more) is above this (see Runbook: Valkey slow)"""
+    its last 10 s (10 operations or more) is above this (see docs/runbook.md: Valkey slow)"""
     postgres_slow_seconds: float = 0.5
     """the same for Postgres operations, the wait for a pooled connection included (see
     Runbook: Postgres slow)"""
@@ -114,7 +115,7 @@ class Settings:
     """TOML file of named callers: `[callers.NAME]` with `token_sha256`, `tls_identities`,
     `scopes` (`presence`, `read`, `load`, `admin`, `dashboard`, `*`) and limits
     (`max_in_flight`, `max_calls_per_second`, `burst`); reloaded on change and on `SIGHUP`;
-    not with `AUTH_TOKENS` (see Security)"""
+    not with `AUTH_TOKENS` (see docs/security.md)"""
     auth_callers_poll_seconds: float = 1.0
     """how often each process checks the file's content for a change (SIGHUP reloads at once)"""
     auth_refusals_per_peer_per_second: float = 20.0
@@ -132,13 +133,13 @@ class Settings:
     grpc_reflection: bool = True
     """server reflection (what grpcurl needs to list and describe); `false` turns it off"""
     metrics_address: str = "127.0.0.1:9464"
-    """where Prometheus metrics are served; empty: off (see Metrics)"""
+    """where Prometheus metrics are served; empty: off (see docs/observability.md)"""
     migrate_on_start: bool = True
     """`serve` applies pending migrations first"""
     chat_session_triggers: bool = True
     """`false`: `migrate` drops every trigger of ours on `chat_sessions`, for a chat backend
-    that calls `RecomputeLoad` itself (see Cost to your database: what is then lost); `true`
-    puts them back and recounts. Set it alike on every instance"""
+    that calls `RecomputeLoad` itself (see docs/decisions/0002-trigger-and-poll-modes.md:
+    what is then lost); `true` puts them back and recounts. Set it alike on every instance"""
     change_poll_seconds: float = 0.02
     """how often each instance takes the changes the triggers noted (`availability_changes`);
     load converges within about this plus a resync"""
@@ -146,8 +147,8 @@ class Settings:
     """with `CHAT_SESSION_TRIGGERS=false` only: how often one instance (whoever holds an
     advisory lock; another takes over when it goes) reads every loaded mitra's load from the
     load index and resyncs those that moved, so loads still follow a backend that never
-    calls `RecomputeLoad`, at a fixed cost per poll instead of one per write (see Cost to
-    your database). `0`: not at all"""
+    calls `RecomputeLoad`, at a fixed cost per poll instead of one per write (see
+    docs/decisions/0002-trigger-and-poll-modes.md). `0`: not at all"""
     log_level: str = "INFO"
     """`DEBUG` (a line for every call), `INFO`, `WARNING` or `ERROR`"""
     log_format: str = "auto"
@@ -157,10 +158,11 @@ class Settings:
     """a unary call slower than this is logged as a warning"""
     startup_timeout_seconds: float = 300.0
     """how long `serve` and `migrate` wait for Postgres at start-up before exiting with code 1
-    (see Deployment: start in any order)"""
+    (see docs/deployment.md: start in any order)"""
     mirror_layout: int = MIRROR_LAYOUT
     """the mirror's layout version, an integer (`2`); leave it unset (tests and `make chaos`
-    set it to play a newer release, see Valkey in production: rolling upgrades)"""
+    set it to play a newer release, see docs/deployment.md: Valkey in production, rolling
+    upgrades)"""
 
     @property
     def truth_freshness_seconds(self) -> float:
