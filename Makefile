@@ -95,8 +95,12 @@ PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist lo
 # whose mode every pytest that starts resets to 0700: a local Postgres started as the postgres
 # account (make test as root) could then no longer reach its own data directory.
 PYTEST_TEMP := --basetemp=build/pytest
+# The tests marked `alone` compare latencies within one run: in parallel, the other workers'
+# bursts would be in their numbers, so they run after the rest, by themselves.
 test: lint check-protos check-wire $(STAMP) $(NODE_STAMP)
-	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_TEMP) --durations=15
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_TEMP) --durations=15 \
+		$(if $(PYTEST_PARALLEL),-m "not alone")
+	$(if $(PYTEST_PARALLEL),$(BIN)/python -m pytest --basetemp=build/pytest-alone -m alone -q)
 
 # The inner loop (under 90 s): lint, types, the proto and wire checks, and every test that
 # needs no Postgres, Valkey or server. Run it while you work; make test before you push.

@@ -216,6 +216,8 @@ def store_env(settings: Settings, address: str, **extra: str) -> dict[str, str]:
         # parallel, Valkey's answers can outlast the default 0.25 s without anything wrong.
         "VALKEY_TIMEOUT_SECONDS": str(settings.valkey_timeout_seconds),
         "DATABASE_POOL_SIZE": str(settings.database_pool_size),
+        "VALKEY_SLOW_SECONDS": str(settings.valkey_slow_seconds),
+        "POSTGRES_SLOW_SECONDS": str(settings.postgres_slow_seconds),
         **extra,
     }
 

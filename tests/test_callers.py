@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -681,6 +683,7 @@ async def test_refused_credentials_are_logged_once_a_second_with_their_count(
         running(guarded_settings(settings, callers_path)) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
+        started = time.monotonic()
         for _ in range(200):
             refused = await call(channel, "CountAvailableMitras", bearer("not-a-token"))
             # Past the peer's budget of refusals: told to back off (the next test).
@@ -691,7 +694,9 @@ async def test_refused_credentials_are_logged_once_a_second_with_their_count(
         for line in shown
         if line["level"] != "DEBUG" and ("refused" in line["message"] or "UNAUTH" in str(line))
     ]
-    assert 1 <= len(about) <= 3, about  # one a second (with the count), not one a call
+    seconds = time.monotonic() - started  # about 1 s; more on a loaded machine
+    # One a second (with the count), not one a call.
+    assert 1 <= len(about) <= math.ceil(seconds) + 1, (seconds, about)
     assert "missing or unknown credentials" in about[0]
 
 

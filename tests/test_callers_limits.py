@@ -282,6 +282,7 @@ def p99(samples: list[float]) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 async def test_a_flooding_caller_does_not_starve_another(
     serving: tuple[str, dict[str, str], int], decoy: str, fleet: Fleet
 ) -> None:

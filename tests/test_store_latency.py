@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -33,6 +34,9 @@ def _via(url: str, port: int) -> str:
     return parts._replace(netloc=parts.netloc.replace(f":{parts.port}", f":{port}")).geturl()
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
+
+
 @contextlib.asynccontextmanager
 async def _behind_proxies(
     settings: Settings,
@@ -46,6 +50,9 @@ async def _behind_proxies(
             settings,
             valkey_url=_via(settings.valkey_url, valkey.port),
             database_url=_via(settings.database_url, postgres.port),
+            # The production thresholds (the suite's are raised for its loaded machine).
+            valkey_slow_seconds=_DEFAULTS["valkey_slow_seconds"],
+            postgres_slow_seconds=_DEFAULTS["postgres_slow_seconds"],
         )
         async with running(proxied) as server:
             yield server, valkey, postgres

@@ -55,7 +55,7 @@ class Watcher:
             if m.HasField("change")
         ]
 
-    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Message]:
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Message]:
         await eventually(lambda: _true(len(self.messages) >= count), timeout=timeout)
         return self.messages
 
