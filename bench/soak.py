@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -282,6 +283,11 @@ async def run(
             await stores.close()
         errors = await asyncio.to_thread(chaos._logged_errors, folder)
         soak.problems += [f"the server logged: {e}" for e in errors[:5]]
+        kept = (
+            Path(tempfile.gettempdir()) / f"availability-soak-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        )
+        await asyncio.to_thread(shutil.copyfile, folder / "server.log", kept)
+        print(f"[soak] server log: {kept}", file=sys.stderr, flush=True)
     soak.back_factor = back_factor
     _judge(soak, minutes * 60, max_growth)
     lines = _report(soak, minutes, fault_every, sample_seconds, mitras, plot)
@@ -337,10 +343,10 @@ class _Run:
         db = await asyncpg.create_pool(self.stores.dsn, min_size=1, max_size=4)
         valkey = aredis.Redis.from_url(self.stores.valkey_url, socket_timeout=5)
         insert = (
-            "INSERT INTO mitras (display_name) SELECT $1 || g FROM generate_series(1, $2) g"
-            " RETURNING id"
+            "INSERT INTO mitras (display_name, max_concurrent_sessions)"
+            " SELECT $1 || g, $3 FROM generate_series(1, $2) g RETURNING id"
         )
-        await db.fetch(insert, "Demo ", mitras)
+        await db.fetch(insert, "Demo ", mitras, 3)
         async with (
             chaos._server(self.env, self.folder / "server.log") as address,
             AvailabilityClient(address, timeout=chaos.DEADLINE_SECONDS, attempts=2) as client,
@@ -349,8 +355,10 @@ class _Run:
             demo = DemoTraffic(client, db)
             demo_task = asyncio.create_task(demo.run())
             await demo.started.wait()
-            gateway = [r["id"] for r in await db.fetch(insert, "Gateway ", mitras // 2)]
-            checked = [r["id"] for r in await db.fetch(insert, "Checked ", 60)]
+            # The gateway's mitras take no chats (capacity 0: reachable, never available), so
+            # the demo's chats go to mitras the demo drives, which accept them.
+            gateway = [r["id"] for r in await db.fetch(insert, "Gateway ", mitras // 2, 0)]
+            checked = [r["id"] for r in await db.fetch(insert, "Checked ", 60, 3)]
             expected = chaos.Expected()
             async with AvailabilityClient(address, timeout=30.0) as setup:
                 for mitra in [*gateway, *checked]:
@@ -370,7 +378,7 @@ class _Run:
                 self.stop.set()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await chaos._cancel(sampler)
-                self.soak.demo = demo.summary(self.now)
+                self.soak.demo = demo.summary(30.0)
                 await chaos._cancel(demo_task)
             lives = [w.live for w in watchers.open]
             self.soak.problems += await chaos._check(self.stores, client, lives, expected)
@@ -670,7 +678,9 @@ def _judge(soak: Soak, seconds: float, max_growth: float) -> None:
     """The invariant, the slow stores named, the growth over the last half (at most 30
     minutes), and every p99 back near its baseline."""
     if soak.invariant.total:
+        examples = [e for found in soak.invariant.examples.values() for e in found]
         soak.problems.append(f"the invariant broke: {soak.invariant.summary()}")
+        soak.problems += [f"e.g. {example}" for example in examples[:6]]
     if not sum(soak.invariant.reads.values()):
         soak.problems.append("no read was checked against the invariant")
     for fault in soak.faults:
@@ -727,7 +737,7 @@ def _report(
         " writers and invariant), pairing reads, 4 watchers and 2 dashboard streams coming and"
         " going.",
         "",
-        f"Demo traffic at the end: {soak.demo}",
+        f"The demo traffic's last report (it counts 30 s at a time): {soak.demo}",
         "",
         "## Resources",
         "",
