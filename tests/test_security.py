@@ -224,6 +224,8 @@ async def test_status_reaches_a_server_behind_mutual_tls_and_tokens(
             "VALKEY_URL": settings.valkey_url,
             "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
             "GRPC_ADDRESS": f"127.0.0.1:{server.port}",
+            "VALKEY_SLOW_SECONDS": str(settings.valkey_slow_seconds),
+            "POSTGRES_SLOW_SECONDS": str(settings.postgres_slow_seconds),
         }
         tls = ["--ca-file", str(tls_files["ca"])]
         mutual = [*tls, "--cert-file", str(tmp_path / "client.pem")]

@@ -74,9 +74,11 @@ async def test_a_move_to_a_new_valkey_keeps_every_mitra_found_by_every_instance(
     two_valkeys: tuple[LocalValkey, LocalValkey],
 ) -> None:
     old_valkey, new_valkey = two_valkeys
+    # Stale after 5 s: ten heartbeat rounds (each 0.5 s apart) and ten flushes, room for
+    # the rounds to slow down on a loaded machine without anyone going stale.
     cadences = replace(
         settings,
-        heartbeat_stale_seconds=3.0,
+        heartbeat_stale_seconds=5.0,
         mitra_auto_offline_sweep_seconds=0.5,
         heartbeat_mirror_interval_seconds=0.5,
     )
