@@ -49,8 +49,11 @@ LEFT JOIN (
 # locks the mitras row, which orders the write with a deactivation; `was` locks the mitra's
 # status row, so what it read is what the write changed: the event's and the audit's
 # "before". The upsert reads `was`, so `was` runs first (a row this very statement had
-# already updated would be invisible to its lock). The answer is the state after the write,
-# with the database's clock, as _STATES_BY_ID reads it.
+# already updated would be invisible to its lock). The answer is the state after the write.
+# Its read time, which fences the mirror write (an older read never overwrites a newer one),
+# is taken once the locks are held: clock_timestamp() in the final select, not the
+# statement's start, or a resync that read the old row while this one waited for its lock
+# would count as newer and keep the old state in the mirror (a deactivated mitra served).
 _WAS = """
 was AS (
     SELECT s.is_online, s.last_heartbeat_at, s.version FROM mitra_online_status s
@@ -65,7 +68,7 @@ SELECT m.id, coalesce(m.display_name, '') AS display_name, m.is_active,
     coalesce(up.last_heartbeat_at, was.last_heartbeat_at) AS last_heartbeat_at,
     coalesce(up.version, was.version, 0) AS version,
     (SELECT count(*) FROM chat_sessions c WHERE c.mitra_id = m.id AND {_LOAD})::int AS load,
-    statement_timestamp() AS read_at, now() AS now,
+    clock_timestamp() AS read_at, now() AS now,
     coalesce(was.is_online, false) AS was_online,
     (SELECT count(*) FROM audited) AS audited
 FROM m LEFT JOIN was ON true LEFT JOIN up ON true
