@@ -90,7 +90,16 @@ UPDATE chat_sessions SET status = $3, mitra_id = coalesce($4, mitra_id)
 WHERE id = $1 AND status = $2
 """
 _CLOSED = frozenset({"ended", "expired", "cancelled"})
-_CHAT_BACKEND_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_CHAT_BACKEND_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    # A connection the driver lost track of while Postgres restarted ("cannot switch to state
+    # 12; another operation is in progress", seen once in the soak): the chat backend's app
+    # would retry, and so does the demo.
+    asyncpg.InternalClientError,
+)
 _OFF_DUTY = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION})
 """A Heartbeat or SetOnline refused so: the mitra was deactivated (by someone else)."""
 
