@@ -1015,7 +1015,8 @@ def _report(outcome: Run, seconds: float, mitras: int, mode: str) -> list[str]:
     lines = [
         f"# Chaos run{title}",
         "",
-        f"{command}: {mitras} mitras, {seconds:g} s a phase, on {stores}.",
+        f"{command} on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {mitras} mitras, {seconds:g} s a"
+        f" phase, on {stores}.",
         "",
         "| phase | fault |",
         "| --- | --- |",
