@@ -9,6 +9,7 @@ import asyncio
 import logging
 
 import pytest
+from redis.exceptions import RedisError
 
 from availability.mirror import connect_valkey
 from availability.settings import Settings
@@ -32,9 +33,11 @@ async def test_a_loop_on_real_valkey_always_ends_though_its_cancels_can_be_lost(
             task.cancel()
             await asyncio.wait({task}, timeout=0.2)
             lost += not task.done()  # the cancel was returned as a result: it carries on
-            async with asyncio.timeout(5):
+            # Ends, whatever the machine's load (each cancel lands between slow replies).
+            async with asyncio.timeout(30):
                 await cancel_and_wait([task])
-            assert task.cancelled()
+            # Cancelled; or, cancelled mid-reply, failed with the connection it left behind.
+            assert task.cancelled() or isinstance(task.exception(), RedisError | OSError)
     finally:
         await client.aclose()
     print(f"{lost} of 30 single cancels were lost")
