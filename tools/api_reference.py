@@ -5,7 +5,6 @@ tests/test_docs.py fails when the file and protos/ disagree."""
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,8 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc  # type: ignore[import-untyped]
 
-ROOT = Path(__file__).resolve().parent.parent
+from tools import ROOT, write
+
 PROTOS = ROOT / "protos"
 TARGET = ROOT / "docs" / "api" / "reference.md"
 
@@ -160,9 +160,7 @@ def render() -> str:
 
 
 def main() -> None:
-    TARGET.parent.mkdir(parents=True, exist_ok=True)
-    TARGET.write_text(render())
-    print(f"wrote {TARGET.relative_to(ROOT)}", file=sys.stderr)
+    write(TARGET, render())
 
 
 if __name__ == "__main__":

@@ -8,14 +8,12 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from availability import cli
 from availability.settings import Settings
+from tools import ROOT, write
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "docs" / "configuration.md"
 SETTINGS_SOURCE = ROOT / "availability" / "settings.py"
 
@@ -132,9 +130,7 @@ def render() -> str:
 
 
 def main() -> None:
-    TARGET.parent.mkdir(parents=True, exist_ok=True)
-    TARGET.write_text(render())
-    print(f"wrote {TARGET.relative_to(ROOT)}", file=sys.stderr)
+    write(TARGET, render())
 
 
 if __name__ == "__main__":
