@@ -39,6 +39,11 @@ T = TypeVar("T")
 
 DASHBOARD_MAX_AGE = 1.0
 
+PIN_SECONDS = 30.0
+"""How long a deactivation's pin outlasts the write's own deadline (twice the database
+timeout) if the write never unpins it (the process died): the mitra is read from Postgres
+until then."""
+
 _BEATS = {
     HeartbeatOutcome.RECORDED: Beat.RECORDED,
     HeartbeatOutcome.OFFLINE: Beat.OFFLINE,
@@ -105,6 +110,8 @@ class Availability:
         """Set first thing at shutdown: long-running streams end on it."""
         self._warnings = _Throttled()
         self.unmirrored: set[UUID] = set()
+        self._pins: dict[UUID, int] = {}
+        """Deactivations whose mirror write failed: unpinned once repaired."""
         self._beacon: Coalesced[None, AvailabilityCount] = Coalesced()
         self.dashboards: Coalesced[int, DashboardStats] = Coalesced()
         self.watch_hub = WatchHub(mirror, settings)
@@ -138,12 +145,14 @@ class Availability:
                 path, "%s: mirror failed (%s: %s), %s", path, _named(exc), exc, then
             )
 
-    async def _mirror(self, path: str, states: Sequence[MitraState]) -> None:
+    async def _mirror(self, path: str, states: Sequence[MitraState]) -> bool:
         """Best effort after the truth committed: a failure is logged and counted, never raised.
         The mitras are remembered and resynced as soon as Valkey answers again
-        (`repair_unmirrored`); the reconcile sweep heals anything else."""
+        (`repair_unmirrored`); the reconcile sweep heals anything else. True if it went through."""
         if not await self._mirror_best_effort(path, self.mirror.apply(states)):
             self.unmirrored.update(s.mitra_id for s in states)
+            return False
+        return True
 
     async def _mirror_best_effort(self, path: str, write: Awaitable[object]) -> bool:
         try:
@@ -166,6 +175,9 @@ class Availability:
         except STORE_ERRORS:
             self.unmirrored.update(ids)
             raise
+        for mitra_id in ids:
+            if (pin := self._pins.pop(mitra_id, None)) is not None:
+                await self._mirror_best_effort("repair", self.mirror.unpin(pin, [mitra_id]))
         return len(ids)
 
     def _status_from_truth(self, state: MitraState, now: datetime) -> MitraStatus:
@@ -196,10 +208,43 @@ class Availability:
         return self._status_from_truth(written.state, written.now)
 
     async def set_active(self, mitra_id: UUID, active: bool) -> tuple[MitraStatus, int]:
-        written = await self.truth.set_active(mitra_id, active, _audit("set_active", always=True))
+        # A deactivation pins its mitra in the mirror first: from then on every reader asks
+        # Postgres about it, until the mirror holds the deactivation. Without the pin, a
+        # mirror write that failed after the commit (a timeout on a live Valkey) would leave
+        # the mitra served from the mirror after the caller was told it is deactivated.
+        pin = None if active else await self._pin(mitra_id)
+        try:
+            written = await self.truth.set_active(
+                mitra_id, active, _audit("set_active", always=True)
+            )
+        except BaseException:
+            if pin is not None:
+                await self._mirror_best_effort("set_active", self.mirror.unpin(pin, [mitra_id]))
+            raise
         changed("set_active", mitra_id, written.was_online, written.state.online)
-        await self._mirror("set_active", [written.state])
+        if pin is None:
+            await self._mirror("set_active", [written.state])
+        elif await self._mirror("set_active", [written.state]):
+            await self._mirror_best_effort("set_active", self.mirror.unpin(pin, [mitra_id]))
+        else:
+            self._pins[mitra_id] = pin  # unpinned by repair_unmirrored once it went through
         return self._status_from_truth(written.state, written.now), written.revoked
+
+    async def _pin(self, mitra_id: UUID) -> int | None:
+        """The pin (mirror.pin), or None when Valkey did not take it: then the deactivation
+        goes on, as every write does without Valkey, and the mirror write after it is all."""
+        seconds = PIN_SECONDS + 2 * self.settings.database_timeout_seconds
+        try:
+            return await self.mirror.pin([mitra_id], seconds)
+        except MIRROR_ERRORS as exc:
+            Counters.bump(self.counters.mirror_write_errors, "set_active")
+            self._warnings.warning(
+                "set_active pin",
+                "set_active: pinning in the mirror failed (%s: %s)",
+                _named(exc),
+                exc,
+            )
+            return None
 
     async def heartbeat(self, mitra_id: UUID) -> bool:
         """True while the mitra is online; a deactivated or unknown mitra raises."""

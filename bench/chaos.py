@@ -753,9 +753,16 @@ async def _run(
     if errors:
         outcome.problems.append(f"the server logged {len(errors)} errors, e.g. {errors[0]}")
     if invariant.total:
+        # What the servers warned of says why: a mirror write that failed, a distrust.
+        warned = [
+            line
+            for line in await asyncio.to_thread(_logged, folder, ("WARNING",))
+            if any(word in line for word in ("write failed", "layout", "distrust", "breaker"))
+        ]
         outcome.problems.append(
             f"the invariant broke: {invariant.summary()} (e.g."
-            f" {next(iter(invariant.examples.values()))[0]})"
+            f" {next(iter(invariant.examples.values()))[0]}); the servers warned"
+            f" {len(warned)} times of mirror writes, layouts or trust: {'; '.join(warned[:20])}"
         )
     if not sum(invariant.reads.values()):
         outcome.problems.append("no read was checked against the invariant")
@@ -857,17 +864,21 @@ class Faults:
 
 def _logged_errors(folder: Path) -> list[str]:
     """ERROR lines of the server logs (an exception no caller saw is still a bug)."""
-    errors = []
+    return _logged(folder, ("ERROR", "CRITICAL"))
+
+
+def _logged(folder: Path, levels: tuple[str, ...]) -> list[str]:
+    found = []
     for log in _server_logs(folder):
         for line in log.read_text().splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 record = {"level": "ERROR" if "Traceback" in line else "", "message": line}
-            if record.get("level") in ("ERROR", "CRITICAL"):
+            if record.get("level") in levels:
                 message = str(record.get("message", "")).splitlines()[0]
-                errors.append(f"{log.name}: {record.get('time', '')} {message}")
-    return errors
+                found.append(f"{log.name}: {record.get('time', '')} {message}")
+    return found
 
 
 def _unexpected(tally: Tally) -> list[str]:

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from availability.local_stores import LocalValkey
 from availability.mirror import Breaker, MirrorDown
@@ -211,3 +212,66 @@ def test_each_failed_probe_keeps_the_breaker_open_twice_as_long_up_to_a_ceiling(
         breaker.check()
     time.sleep(0.07)
     breaker.check()  # back to the shortest wait (0.05 s, not 0.8 s) after a success
+
+
+async def test_a_deactivation_whose_mirror_write_fails_is_never_served(
+    server: Server, stub: Stub, settings: Settings, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Valkey answers, but the one write after the commit does not reach it (a timeout on a
+    live Valkey): the deactivation pinned the mitra before it committed, so no instance
+    answers it from the mirror, which still says online and active, until the repair."""
+    mitra = await fleet.mitra("Ayu")
+    await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    assert server.availability is not None
+    mirror = server.availability.mirror
+
+    async def lost(*_: object) -> None:
+        raise RedisTimeoutError("Timeout reading from socket")  # the fake: this write only
+
+    async with (
+        running(settings) as other,
+        grpc.aio.insecure_channel(f"127.0.0.1:{other.port}") as channel,
+    ):
+        other_stub = pb_grpc.AvailabilityServiceStub(channel)
+        ask = pb.IsMitraReachableRequest(mitra_id=str(mitra))
+        before = await other_stub.IsMitraReachable(ask)
+        assert (before.reachable, before.source) == (True, pb.SOURCE_CACHE)
+
+        with monkeypatch.context() as patched:
+            patched.setattr(mirror, "apply", lost)
+            await stub.SetMitraActive(pb.SetMitraActiveRequest(mitra_id=str(mitra), active=False))
+            assert mitra in server.availability.unmirrored
+            # The mirror still holds the mitra as online and active; both instances ask Postgres.
+            for reader in (stub, other_stub):
+                reply = await reader.IsMitraReachable(ask)
+                assert (reply.reachable, reply.source) == (False, pb.SOURCE_DATABASE)
+                found = await reader.FindAvailableMitras(pb.FindAvailableMitrasRequest())
+                assert str(mitra) not in {m.mitra_id for m in found.mitras}
+            beat = other_stub.Heartbeat(pb.HeartbeatRequest(mitra_id=str(mitra)))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await beat
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        # Repaired within a second or two: the mirror holds the deactivation and the pin is
+        # gone, so the mirror answers again.
+        async def from_the_mirror() -> bool:
+            reply = await other_stub.IsMitraReachable(ask)
+            return not reply.reachable and reply.source == pb.SOURCE_CACHE
+
+        await eventually(from_the_mirror, timeout=15)
+
+
+async def test_a_deactivation_unpins_its_mitra_once_the_mirror_holds_it(
+    server: Server, stub: Stub, fleet: Fleet
+) -> None:
+    mitra = await fleet.mitra("Ayu")
+    await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    await stub.SetMitraActive(pb.SetMitraActiveRequest(mitra_id=str(mitra), active=False))
+    ask = pb.IsMitraReachableRequest(mitra_id=str(mitra))
+
+    async def from_the_mirror() -> bool:
+        reply = await stub.IsMitraReachable(ask)
+        assert not reply.reachable
+        return reply.source == pb.SOURCE_CACHE
+
+    await eventually(from_the_mirror, timeout=10)

@@ -162,6 +162,17 @@ class TrustMixin(MirrorBase):
         if mitra_ids:
             await self._run(self._resync, "request", *map(str, mitra_ids))
 
+    async def pin(self, mitra_ids: Sequence[UUID], seconds: float) -> int:
+        """Until unpinned (or for `seconds`), every reader answers these from Postgres: a
+        deactivation pins its mitra before it commits, so a mirror write that fails after
+        the commit cannot leave it served from the mirror. Returns the pin, for unpin."""
+        return int(await self._run(self._resync, "pin", int(seconds * 1000), *map(str, mitra_ids)))
+
+    async def unpin(self, pin: int, mitra_ids: Sequence[UUID]) -> None:
+        """The write reached the mirror (or its owner was asked to resync it): the pin becomes
+        an ordinary request, which the owner's next resync releases."""
+        await self._run(self._resync, "unpin", pin, *map(str, mitra_ids))
+
     async def resync_requests(self, count: int = 10_000) -> tuple[int, list[UUID]]:
         """(Valkey's time now, up to count ids asked for): release them after the resync."""
         now, *ids = await self._run(self._resync, "take", count)

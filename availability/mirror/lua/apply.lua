@@ -38,7 +38,7 @@ if marker and string.sub(marker, 1, #MARK) ~= MARK then
   -- and ask its owner to resync these mitras from Postgres. Returns -1 in place of counts.
   local asked = now_ms()
   for i = 4, #ARGV do
-    redis.call('ZADD', RESYNC, asked, sub(ARGV[i], 1, find(ARGV[i], '\31', 1, true) - 1))
+    redis.call('ZADD', RESYNC, 'GT', asked, sub(ARGV[i], 1, find(ARGV[i], '\31', 1, true) - 1))
   end
   return {-1, 0, 0, 0, 0, 0}
 end
