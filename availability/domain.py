@@ -237,7 +237,7 @@ class Availability:
         try:
             return await self.mirror.pin([mitra_id], seconds)
         except MIRROR_ERRORS as exc:
-            Counters.bump(self.counters.mirror_write_errors, "set_active")
+            Counters.bump(self.counters.mirror_write_errors, "pin")
             self._warnings.warning(
                 "set_active pin",
                 "set_active: pinning in the mirror failed (%s: %s)",

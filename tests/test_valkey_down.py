@@ -81,6 +81,7 @@ async def test_writes_succeed_and_land_in_postgres(
     assert server_on_own_valkey.availability is not None
     errors = server_on_own_valkey.availability.counters.mirror_write_errors
     assert errors["set_online"] == 1 and errors["set_active"] == 1
+    assert errors["pin"] == 1  # the deactivation tried to pin its mitra first
 
 
 async def test_heartbeat_guard_falls_back_to_postgres(
@@ -275,3 +276,25 @@ async def test_a_deactivation_unpins_its_mitra_once_the_mirror_holds_it(
         return reply.source == pb.SOURCE_CACHE
 
     await eventually(from_the_mirror, timeout=10)
+
+
+async def test_a_deactivation_pins_its_mitra_even_while_the_breaker_is_open(
+    server: Server, stub: Stub, fleet: Fleet
+) -> None:
+    """An open breaker may not have noticed that Valkey is back while other instances read
+    the mirror: the pin goes past it (and its answer closes it)."""
+    mitra = await fleet.mitra("Ayu")
+    assert server.availability is not None
+    mirror = server.availability.mirror
+    for _ in range(server.settings.valkey_breaker_failures):
+        mirror.breaker.failed()
+    assert mirror.breaker.is_open
+    with pytest.raises(MirrorDown):
+        mirror.breaker.check()
+
+    pin = await mirror.pin([mitra], 5.0)
+
+    assert not mirror.breaker.is_open
+    taken_at, asked = await mirror.resync_requests()
+    assert mitra in asked and pin > taken_at  # pinned: no resync before then releases it
+    await mirror.unpin(pin, [mitra])

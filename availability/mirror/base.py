@@ -74,12 +74,22 @@ class MirrorBase:
         script = self.client.register_script(_script(name, layout=self.layout if prelude else 0))
         return _Script(script, self.seconds.op(name))
 
-    async def _run(self, script: _Script, *args: object) -> Any:
-        return await self._run_with(script, (), args)
+    async def _run(self, script: _Script, *args: object, past_the_breaker: bool = False) -> Any:
+        return await self._run_with(script, (), args, past_the_breaker=past_the_breaker)
 
-    async def _run_with(self, script: _Script, keys: Sequence[str], args: Sequence[object]) -> Any:
-        """A script on the whole mirror's keys (as the prelude names them) and then its own."""
-        self.breaker.check()
+    async def _run_with(
+        self,
+        script: _Script,
+        keys: Sequence[str],
+        args: Sequence[object],
+        *,
+        past_the_breaker: bool = False,
+    ) -> Any:
+        """A script on the whole mirror's keys (as the prelude names them) and then its own.
+        past_the_breaker: tried even while the breaker is open (a call that must reach Valkey
+        if it can, and is rare); its success closes the breaker like a probe's."""
+        if not past_the_breaker:
+            self.breaker.check()
         try:
             reply = await script(keys=[*self._all_keys, *keys], args=list(args))
         except BaseException as exc:

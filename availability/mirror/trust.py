@@ -93,6 +93,9 @@ class TrustMixin(MirrorBase):
             except NoScriptError:
                 await connection.send_command("EVAL", self._trust.script, *head)
                 reply = await connection.read_response()
+        # Valkey answered: whatever the breaker thought, it is there (the check runs every
+        # second, so an open breaker closes within a second of Valkey's return).
+        self.breaker.succeeded()
         verdict, marker, identity, highest, policy, role = reply
         check = TrustCheck(
             Trust(verdict.decode()),
@@ -166,7 +169,12 @@ class TrustMixin(MirrorBase):
         """Until unpinned (or for `seconds`), every reader answers these from Postgres: a
         deactivation pins its mitra before it commits, so a mirror write that fails after
         the commit cannot leave it served from the mirror. Returns the pin, for unpin."""
-        return int(await self._run(self._resync, "pin", int(seconds * 1000), *map(str, mitra_ids)))
+        # Past the breaker: open after an outage, it may not have noticed Valkey is back, and
+        # other instances may be reading the mirror meanwhile.
+        pin = await self._run(
+            self._resync, "pin", int(seconds * 1000), *map(str, mitra_ids), past_the_breaker=True
+        )
+        return int(pin)
 
     async def unpin(self, pin: int, mitra_ids: Sequence[UUID]) -> None:
         """The write reached the mirror (or its owner was asked to resync it): the pin becomes
