@@ -84,13 +84,15 @@ check-wire: $(STAMP)
 	$(BIN)/buf breaking --against '.git#ref=$(PREVIOUS_RELEASE)'
 	@echo "protos/ keep the wire contract of $(PREVIOUS_RELEASE)"
 
-# The whole suite in 4 pytest-xdist workers on 2 cores (most tests wait on servers, not the
-# CPU), a test file to a worker, each worker with its own database, key prefixes and ports;
-# the files with a slow test start first, the Node client's suite among them
+# The whole suite in 6 pytest-xdist workers on 2 cores (most tests wait on servers, not the
+# CPU: the CPU is about half busy), a test file to a worker, each worker with its own
+# database, key prefixes and ports; the files with a slow test start first, longest first
+# (`slow(seconds=N)`; --no-loadscope-reorder keeps that order, which xdist would otherwise
+# replace by the number of tests a file has), the Node client's suite among them
 # (tests/test_node_client.py). TEST_WORKERS=0 runs it serially. xdist's loadgroup does not
 # group under pytest 9 (checked), so loadfile.
-TEST_WORKERS ?= 4
-PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+TEST_WORKERS ?= 6
+PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 # The suite's temporary folders live under build/, not pytest's shared /tmp/pytest-of-$USER,
 # whose mode every pytest that starts resets to 0700: a local Postgres started as the postgres
 # account (make test as root) could then no longer reach its own data directory.

@@ -83,10 +83,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not config.getoption("--no-servers"):
-        # The files with a slow test first: run in parallel (a file to a worker, in this
-        # order), the longest start at once instead of being the tail of the run.
-        slow = {item.path for item in items if item.get_closest_marker("slow")}
-        items.sort(key=lambda item: item.path not in slow)
+        # The files with a slow test first, the longest first (the marker's `seconds`, summed
+        # over the file): run in parallel (a file to a worker, in this order, which
+        # --no-loadscope-reorder keeps), the longest start at once instead of being the tail.
+        weight: dict[Path, float] = {}
+        for item in items:
+            if marker := item.get_closest_marker("slow"):
+                weight[item.path] = weight.get(item.path, 0.0) + marker.kwargs.get("seconds", 1)
+        items.sort(key=lambda item: -weight.get(item.path, 0.0))
         return
     kept, left = [], []
     for item in items:

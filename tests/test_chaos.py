@@ -13,7 +13,7 @@ from bench import chaos
 NEW_FAULTS = ("valkey restored", "flushall", "layout bump", "layout rollback")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 @pytest.mark.parametrize("mode", chaos.MODES)
 async def test_nothing_acknowledged_is_lost_and_nothing_deactivated_is_served(mode: str) -> None:
     outcome = await chaos.run(seconds_per_phase=2.0, mitras=60, report=None, mode=mode)

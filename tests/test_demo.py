@@ -98,7 +98,7 @@ async def _serving(
     await eventually(serving, timeout=60, interval=0.1)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 async def test_make_run_keeps_the_demo_fleet_alive_and_status_ok(
     settings: Settings, db: asyncpg.Connection, valkey: redis.Redis, tmp_path: Path
 ) -> None:

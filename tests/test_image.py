@@ -32,7 +32,7 @@ from availability.version import VERSION
 
 from .helpers import required_tool
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=70)
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = f"availability-test:{VERSION}"

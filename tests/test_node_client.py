@@ -19,7 +19,7 @@ def _tail(result: subprocess.CompletedProcess[str], lines: int = 80) -> str:
 
 
 @pytest.mark.servers
-@pytest.mark.slow
+@pytest.mark.slow(seconds=100)
 @pytest.mark.timeout(1800)
 def test_the_node_client_builds_and_passes_its_suite() -> None:
     npm = required_tool("npm")

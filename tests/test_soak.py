@@ -10,7 +10,7 @@ import pytest
 from bench import soak
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=125)
 async def test_two_minutes_of_load_and_faults_leak_nothing_and_break_nothing() -> None:
     # Two minutes are a warm-up and four faults 22 s apart: a minute's trend moves more than
     # an hour's, and a p99 of 10 s (a few dozen calls: about their slowest) begins 2 s after

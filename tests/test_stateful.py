@@ -392,7 +392,7 @@ class AvailabilityMachine(RuleBasedStateMachine):
         self.run(check())
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_service_answers_follow_truth_through_random_histories(
     settings: Settings, own_valkey: LocalValkey, db: asyncpg.Connection
 ) -> None:
