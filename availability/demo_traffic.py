@@ -42,6 +42,7 @@ from uuid import UUID
 import asyncpg
 import grpc
 
+from . import demo_backend as backend
 from .client import AvailabilityClient
 from .settings import Settings
 
@@ -75,31 +76,6 @@ _TICK = 0.25
 _IN_FLIGHT = 64
 _CHAT_RETRY = 1.0
 
-# The chat backend's statements (it owns chat_sessions' writes; the auth backend, mitras).
-_FLEET = "SELECT id, is_active FROM mitras"
-_OPEN_CHATS = """
-SELECT id, mitra_id, status FROM chat_sessions
-WHERE status IN ('searching', 'pending_acceptance', 'pending_payment', 'active')
-"""
-_START_CHAT = """
-INSERT INTO chat_sessions (customer_id, status, topic_sensitivity)
-VALUES (gen_random_uuid(), 'searching', $1) RETURNING id
-"""
-_MOVE_CHAT = """
-UPDATE chat_sessions SET status = $3, mitra_id = coalesce($4, mitra_id)
-WHERE id = $1 AND status = $2
-"""
-_CLOSED = frozenset({"ended", "expired", "cancelled"})
-_CHAT_BACKEND_ERRORS = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    # A connection the driver lost track of while Postgres restarted ("cannot switch to state
-    # 12; another operation is in progress", seen once in the soak): the chat backend's app
-    # would retry, and so does the demo.
-    asyncpg.InternalClientError,
-)
 _OFF_DUTY = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION})
 """A Heartbeat or SetOnline refused so: the mitra was deactivated (by someone else)."""
 
@@ -162,8 +138,8 @@ class DemoTraffic:
 
     async def _start(self) -> None:
         async with self._pool.acquire() as conn:
-            fleet = await conn.fetch(_FLEET)
-            chats = await conn.fetch(_OPEN_CHATS)
+            fleet = await conn.fetch(backend.FLEET)
+            chats = await conn.fetch(backend.OPEN_CHATS)
         self._apps = {row["id"]: _App(row["id"], row["is_active"]) for row in fleet}
         self._deactivated = [app.mitra_id for app in self._apps.values() if not app.active]
         active = [app for app in self._apps.values() if app.active]
@@ -362,8 +338,8 @@ class DemoTraffic:
         sensitivity = "sensitive" if self._rng.random() < _SENSITIVE else "normal"
         try:
             async with self._pool.acquire() as conn:
-                session_id = await conn.fetchval(_START_CHAT, sensitivity)
-        except _CHAT_BACKEND_ERRORS as exc:
+                session_id = await conn.fetchval(backend.START_CHAT, sensitivity)
+        except backend.ERRORS as exc:
             self.errors[f"chat backend {type(exc).__name__}"] += 1
             return
         now = time.monotonic()
@@ -418,13 +394,13 @@ class DemoTraffic:
         try:
             async with self._pool.acquire() as conn:
                 moved = await conn.execute(
-                    _MOVE_CHAT, chat.session_id, chat.status, status, mitra_id
+                    backend.MOVE_CHAT, chat.session_id, chat.status, status, mitra_id
                 )
-        except _CHAT_BACKEND_ERRORS as exc:
+        except backend.ERRORS as exc:
             self.errors[f"chat backend {type(exc).__name__}"] += 1
             chat.due = time.monotonic() + _CHAT_RETRY * self._scale
             return
-        if moved != "UPDATE 1" or status in _CLOSED:
+        if moved != "UPDATE 1" or status in backend.CLOSED:
             # Closed, or moved by someone else (a reset, a person with psql): forgotten.
             del self._chats[chat.session_id]
         else:
