@@ -287,6 +287,22 @@ async def test_an_oom_reply_to_a_mirror_write_is_a_failed_write_never_an_rpc_fai
         await direct.aclose()
 
 
+async def test_a_write_under_an_older_release_s_marker_reaches_the_mirror(
+    server: Server, stub: Stub, fleet: Fleet, valkey: redis.Redis
+) -> None:
+    """0.1.0 (from before layouts) marks the mirror '1' when it seeds beside a newer release
+    and reads the mirror's sets as they are; it knows nothing of resync requests. So a write
+    made under its marker is written, not left to an owner that would never come: the
+    deactivation is in the deactivated set at once."""
+    mitra = await fleet.mitra("Under 0.1.0", online=True)
+    await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    keys = Keys.for_prefix(server.settings.valkey_key_prefix)
+    await valkey.set(keys.seeded, "1")
+    await stub.SetMitraActive(pb.SetMitraActiveRequest(mitra_id=str(mitra), active=False))
+    assert await valkey.sismember(keys.deactivated, str(mitra))
+    assert not await valkey.sismember(keys.online, str(mitra))
+
+
 async def test_a_newer_layout_owns_the_mirror_and_the_last_version_standing_takes_it(
     settings: Settings, fleet: Fleet, db: asyncpg.Connection, valkey: redis.Redis
 ) -> None:

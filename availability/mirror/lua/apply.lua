@@ -33,9 +33,14 @@ end
 
 local ids = {}
 local marker = redis.call('GET', SEEDED)
-if marker and string.sub(marker, 1, #MARK) ~= MARK then
-  -- Another version's layout owns the mirror (a rolling upgrade): leave its structures alone
-  -- and ask its owner to resync these mitras from Postgres. Returns -1 in place of counts.
+local held_layout = marker and tonumber(string.match(marker, '^v(%d+) '))
+if held_layout and held_layout > tonumber(string.match(MARK, '^v(%d+) ')) then
+  -- A newer layout owns the mirror (a rolling upgrade): leave its structures alone and ask
+  -- its owner to resync these mitras from Postgres. Returns -1 in place of counts. Any other
+  -- marker (an older layout's, or a release from before layouts, which knows nothing of
+  -- resync requests and reads these structures as they are) is written as ours: this
+  -- instance's trust check distrusts it within a second, and until then its readers must
+  -- see this write.
   local asked = now_ms()
   for i = 4, #ARGV do
     redis.call('ZADD', RESYNC, 'GT', asked, sub(ARGV[i], 1, find(ARGV[i], '\31', 1, true) - 1))
