@@ -177,7 +177,7 @@ class Availability:
             raise
         for mitra_id in ids:
             if (pin := self._pins.pop(mitra_id, None)) is not None:
-                await self._mirror_best_effort("repair", self.mirror.unpin(pin, [mitra_id]))
+                await self._unpin(mitra_id, pin)
         return len(ids)
 
     def _status_from_truth(self, state: MitraState, now: datetime) -> MitraStatus:
@@ -219,16 +219,18 @@ class Availability:
             )
         except BaseException:
             if pin is not None:
-                await self._mirror_best_effort("set_active", self.mirror.unpin(pin, [mitra_id]))
+                await self._unpin(mitra_id, pin)
             raise
         changed("set_active", mitra_id, written.was_online, written.state.online)
-        if pin is None:
-            await self._mirror("set_active", [written.state])
-        elif await self._mirror("set_active", [written.state]):
-            await self._mirror_best_effort("set_active", self.mirror.unpin(pin, [mitra_id]))
-        else:
+        mirrored = await self._mirror("set_active", [written.state])
+        if pin is not None and mirrored:
+            await self._unpin(mitra_id, pin)
+        elif pin is not None:
             self._pins[mitra_id] = pin  # unpinned by repair_unmirrored once it went through
         return self._status_from_truth(written.state, written.now), written.revoked
+
+    async def _unpin(self, mitra_id: UUID, pin: int) -> None:
+        await self._mirror_best_effort("unpin", self.mirror.unpin(pin, [mitra_id]))
 
     async def _pin(self, mitra_id: UUID) -> int | None:
         """The pin (mirror.pin), or None when Valkey did not take it: then the deactivation
