@@ -200,10 +200,24 @@ class ChangeListener:
             return
         loads = await self._availability.truth.loads(conn)
         before, self._loads = self._loads, loads
-        self._pending.update(
-            m for m in loads.keys() | before.keys() if loads.get(m) != before.get(m)
-        )
+        moved = [m for m in loads.keys() | before.keys() if loads.get(m) != before.get(m)]
         self.load_polls += 1
+        for at in range(0, len(moved), _TAKE_BATCH):
+            ids = moved[at : at + _TAKE_BATCH]
+            try:
+                states = await self._availability.resync(ids)
+            except TruthUnavailable:
+                self._pending.update(moved[at:])  # after the reconnect's reconcile
+                raise
+            self.resyncs += 1
+            # The next diff starts from what the resync read and mirrored, not from what this
+            # poll saw: a load that moved between the two and moved back before the next poll
+            # would otherwise stay in the mirror, diffed by nobody.
+            for state in states:
+                if state.load:
+                    self._loads[state.mitra_id] = state.load
+                else:
+                    self._loads.pop(state.mitra_id, None)
 
     @property
     def idle(self) -> bool:
