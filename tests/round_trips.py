@@ -15,6 +15,8 @@ class RoundTrips:
         self.delay = delay
         """Seconds added to each answer (a database further away)."""
         self.count = 0
+        self.last_at = 0.0
+        """When the last round trip ended (the event loop's clock)."""
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -22,6 +24,15 @@ class RoundTrips:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._link, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    async def quiet(self, seconds: float, timeout: float = 30.0) -> None:
+        """Wait until no round trip has ended for `seconds` (a server's start-up work, its
+        first sweeps and its listener's first round, is behind it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (idle := loop.time() - self.last_at) < seconds:
+            assert loop.time() < deadline, f"round trips went on for {timeout}s"
+            await asyncio.sleep(seconds - idle)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -52,6 +63,7 @@ class RoundTrips:
             while data := await server_r.read(65536):
                 if waiting:
                     self.count += 1
+                    self.last_at = asyncio.get_running_loop().time()
                     waiting = False
                 if self.delay:
                     await asyncio.sleep(self.delay)
