@@ -84,6 +84,15 @@ def test_free_port_can_be_bound_and_is_not_a_shared_one() -> None:
         sock.bind(("127.0.0.1", port))
 
 
+def test_free_port_is_below_the_range_outgoing_connections_take_their_ports_from() -> None:
+    """An outgoing connection's local port comes from the ephemeral range: a port picked there
+    may be taken by one before the server binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(50)}
+    assert all(10000 <= port < low for port in ports), sorted(ports)
+    assert len(ports) > 40, "picked at random, not one port again and again"
+
+
 def test_postgres_answers_on_its_own_loopback_port(local_postgres: LocalPostgres) -> None:
     assert local_postgres.port not in SHARED_PORTS
     assert local_postgres.dsn == f"postgresql://postgres@127.0.0.1:{local_postgres.port}/postgres"

@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -35,13 +36,40 @@ class _PortTaken(LocalStoreError):
     """Another process took the port between `free_port()` and the server binding it."""
 
 
+_KNOWN_PORTS = frozenset({5432, 6379, 26379, 9090})
+_LOWEST_PORT = 10000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A loopback port nobody listens on right now; the kernel picks from its ephemeral range,
-    which keeps clear of the well-known 5432 and 6379."""
+    """A loopback port nobody listens on right now, picked at random below the kernel's
+    ephemeral range: a port from that range (bind to port 0) may become the local end of some
+    outgoing connection (to Postgres, to Valkey) before the server meant to listen on it
+    binds it, and then the server cannot (seen with six test workers: a metrics port taken).
+    Keeps clear of the well-known ports of Postgres, Valkey, Sentinel and Prometheus."""
+    low = _ephemeral_range()[0]
+    if low - _LOWEST_PORT >= 1000:
+        for _ in range(100):
+            port = random.randrange(_LOWEST_PORT, low)
+            if port in _KNOWN_PORTS:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((_HOST, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        picked: int = sock.getsockname()[1]
+        return picked
 
 
 def _process_table() -> dict[int, int]:
