@@ -4,6 +4,7 @@ caller's trace."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
 from availability.v1 import availability_pb2_grpc as pb_grpc
 
-from .helpers import Fleet, notified, store_env
+from .helpers import Fleet, eventually, notified, store_env
 
 SERVICE = "availability.v1.AvailabilityService"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -49,6 +50,13 @@ class Lines(logging.Handler):
     def parsed(self) -> list[dict[str, object]]:
         """Every line, each of which must be one JSON object."""
         return [json.loads(line) for line in self.lines]
+
+    async def one(self, method: str) -> dict[str, object]:
+        """The line that ends the one call of this method, once it is written: the server's
+        interceptor writes it after the answer went out, so the caller can be first."""
+        await eventually(lambda: asyncio.sleep(0, self.of(method)), what=f"a {method} line")
+        (line,) = self.of(method)
+        return line
 
     def of(self, method: str) -> list[dict[str, object]]:
         """The lines that end calls of one method."""
@@ -83,7 +91,7 @@ async def test_each_call_logs_one_json_line_with_the_callers_request_id(
         await call
         trailing = dict(await call.trailing_metadata() or ())
 
-    (line,) = logged.of("SetOnline")
+    line = await logged.one("SetOnline")
     assert line["request_id"] == "req-42" and trailing["x-request-id"] == "req-42"
     assert line["mitra_id"] == mitra
     assert line["code"] == "OK" and line["level"] == "DEBUG"
@@ -103,7 +111,7 @@ async def test_a_failed_call_gets_an_id_made_for_it_and_told_back(
             await call
     told = dict(refused.value.trailing_metadata() or ())["x-request-id"]
 
-    (line,) = logged.of("GetMitraStatus")
+    line = await logged.one("GetMitraStatus")
     assert line["code"] == "INVALID_ARGUMENT" and line["level"] == "INFO"
     assert line["request_id"] == told and len(str(told)) == 32
     assert logged.of("SetOnline") == []
@@ -150,7 +158,7 @@ async def test_the_callers_trace_id_is_logged_without_opentelemetry(
         await pb_grpc.AvailabilityServiceStub(channel).GetMitraStatus(
             pb.GetMitraStatusRequest(mitra_id=mitra), metadata=(("traceparent", TRACEPARENT),)
         )
-    (line,) = logged.of("GetMitraStatus")
+    line = await logged.one("GetMitraStatus")
     assert line["trace_id"] == TRACE_ID and line["span_id"] == CALLER_SPAN
 
 
@@ -177,7 +185,7 @@ async def test_spans_continue_the_callers_trace(
     assert online.parent is not None and format(online.parent.span_id, "016x") == CALLER_SPAN
     assert format(online.context.trace_id, "032x") == TRACE_ID
     assert online.attributes is not None and online.attributes["rpc.grpc.status_code"] == 0
-    (line,) = logged.of("SetOnline")
+    line = await logged.one("SetOnline")
     assert line["trace_id"] == TRACE_ID
     assert line["span_id"] == format(online.context.span_id, "016x")
     unknown = spans[f"{SERVICE}/GetMitraStatus"]
