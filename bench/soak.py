@@ -141,6 +141,7 @@ class Soak:
     fault_seconds: float = FAULT_SECONDS
     recovered_seconds: float = RECOVERED_SECONDS
     back_factor: float = BACK_FACTOR
+    back_slack: float = BACK_SLACK
 
 
 class _Proxies:
@@ -269,6 +270,7 @@ async def run(
     recovered_seconds: float = RECOVERED_SECONDS,
     max_growth: float = 0.05,
     back_factor: float = BACK_FACTOR,
+    back_slack: float = BACK_SLACK,
     report: Path | None = None,
     plot: Path | None = None,
 ) -> Soak:
@@ -290,7 +292,7 @@ async def run(
         )
         await asyncio.to_thread(shutil.copyfile, folder / "server.log", kept)
         print(f"[soak] server log: {kept}", file=sys.stderr, flush=True)
-    soak.back_factor = back_factor
+    soak.back_factor, soak.back_slack = back_factor, back_slack
     _judge(soak, minutes * 60, max_growth)
     lines = _report(soak, minutes, fault_every, sample_seconds, mitras, plot)
     print("\n".join(lines))
@@ -710,7 +712,7 @@ def _judge(soak: Soak, seconds: float, max_growth: float) -> None:
             if (
                 base is not None
                 and after is not None
-                and after > soak.back_factor * base + BACK_SLACK
+                and after > soak.back_factor * base + soak.back_slack
             ):
                 soak.problems.append(
                     f"{method} p99 {after * 1000:.1f} ms before the fault after "
@@ -768,8 +770,8 @@ def _report(
         "",
         f"p99 (ms) over the last {soak.recovered_seconds:.0f} s before the next fault, against"
         f" the last {soak.recovered_seconds:.0f} s of the warm-up (baseline); back: at most"
-        f" {soak.back_factor:g} x baseline + {BACK_SLACK * 1000:.0f} ms. Slow store named: whether"
-        " `availability status` listed it as a problem while it lasted.",
+        f" {soak.back_factor:g} x baseline + {soak.back_slack * 1000:.0f} ms. Slow store named:"
+        " whether `availability status` listed it as a problem while it lasted.",
         "",
         "| fault | at (min) | named | " + " | ".join(CHECKED_METHODS) + " |",
         "| --- | ---: | --- | " + " | ".join("---:" for _ in CHECKED_METHODS) + " |",

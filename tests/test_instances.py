@@ -75,17 +75,24 @@ async def instances(
             )
         started.append(Instance(process, port, metrics))
     try:
-        for instance in started:
+        for index, instance in enumerate(started):
             async with AvailabilityClient(instance.address, attempts=1, timeout=1) as client:
 
-                async def serving(client: AvailabilityClient = client) -> bool:
+                async def serving(
+                    client: AvailabilityClient = client, instance: Instance = instance
+                ) -> bool:
+                    assert instance.process.returncode is None, "it exited"
                     try:
                         return await client.health() == "SERVING"
                     except Exception:
                         return False
 
                 # Three processes start at once on 2 shared cores: a wait, not a deadline.
-                await eventually(serving, timeout=90, what=f"instance {instance.address} SERVING")
+                try:
+                    await eventually(serving, timeout=90, what=f"{instance.address} SERVING")
+                except AssertionError as exc:
+                    log = (tmp_path / f"instance-{index}.log").read_text()
+                    raise AssertionError(f"{exc}; its log ends:\n{log[-3000:]}") from None
         yield started
     finally:
         for instance in started:

@@ -15,8 +15,10 @@ async def test_two_minutes_of_load_and_faults_leak_nothing_and_break_nothing() -
     # Two minutes are a warm-up and four faults 22 s apart: a minute's trend moves more than
     # an hour's, and a p99 of 10 s (a few dozen calls: about their slowest) begins 2 s after
     # a fault; so it allows a fifth of growth where `make soak` allows 5 % (over its last 30
-    # minutes), and 10x the baseline where `make soak` allows 2x (each plus 10 ms): enough to
-    # catch a store that never came back (seconds), not a slow call on a busy machine.
+    # minutes), and 10x the baseline plus half a second where `make soak` allows 2x plus
+    # 10 ms: enough to catch calls that wait out a store's timeout (seconds), not a slow call
+    # on a machine that runs the rest of the suite beside it (432 ms against a 42 ms baseline
+    # once, in a clean-clone run of six workers).
     outcome = await soak.run(
         2.0,
         fault_every=22.0,
@@ -26,6 +28,7 @@ async def test_two_minutes_of_load_and_faults_leak_nothing_and_break_nothing() -
         recovered_seconds=10.0,
         max_growth=0.2,
         back_factor=10.0,
+        back_slack=0.5,
     )
 
     assert outcome.problems == []
