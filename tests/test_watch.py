@@ -517,8 +517,9 @@ async def test_losing_valkey_ends_the_watch_unavailable_and_recovery_brings_a_sn
 
 
 def test_the_response_carries_exactly_an_availability_event() -> None:
-    """buf's STANDARD rules name the stream's message WatchAvailableMitrasResponse; API.md
-    calls it AvailabilityEvent. They are the same message, field for field."""
+    """buf's STANDARD rules name the stream's message WatchAvailableMitrasResponse;
+    docs/api/reference.md calls it AvailabilityEvent. They are the same message, field for
+    field."""
 
     def shape(descriptor: object) -> list[tuple[str, int, int, str]]:
         return [
