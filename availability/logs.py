@@ -94,9 +94,31 @@ _STANDARD = frozenset(
 )
 
 
+class _PoolFloor(logging.Filter):
+    """asyncpg (0.31 on) keeps its pool's minimum size by reconnecting in a task of its own and
+    logs each failed attempt as a WARNING with the whole traceback, in the context of whichever
+    call started that task: through a Postgres outage, a traceback every 1 to 60 s, each
+    carrying an unrelated request's id. Here it is one line, the error's name and message,
+    with no request."""
+
+    _MESSAGE = "Failed to restore the pool connection floor"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.msg, str) and record.msg.startswith(self._MESSAGE):
+            error = record.exc_info[1]
+            record.msg = "Postgres pool: reconnecting to keep its minimum size failed (%s: %s)"
+            record.args = (type(error).__name__, error)
+            record.exc_info, record.exc_text = None, None
+            record._background = True
+        return True
+
+
+_POOL_FLOOR = _PoolFloor()
+
+
 def _context_fields(record: logging.LogRecord) -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    request = current.get()
+    request = None if getattr(record, "_background", False) else current.get()
     if request is not None:
         fields["request_id"] = request.id
         fields["method"] = request.method
@@ -200,3 +222,4 @@ def configure_logging(settings: Settings) -> None:
         _Redacting(JsonFormatter() if json_lines else TextFormatter(), settings.auth_tokens)
     )
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+    logging.getLogger("asyncpg.pool").addFilter(_POOL_FLOOR)

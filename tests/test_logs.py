@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from availability.local_stores import LocalValkey
+from availability.local_stores import LocalPostgres, LocalValkey
 from availability.logs import JsonFormatter, TextFormatter
 from availability.mirror import Keys
 from availability.server import Server, running
@@ -328,6 +328,67 @@ except ValueError:
     logging.getLogger("grpc.aio._server").exception("Exception serialising %s", token)
 logging.getLogger("availability").info("dsn postgresql://app:db-password-7@127.0.0.1/x")
 """
+
+
+_POOL_OUTAGE = """
+import asyncio, sys
+import asyncpg
+from availability import logs
+from availability.settings import Settings
+
+logs.configure_logging(Settings.from_env({
+    "DATABASE_URL": sys.argv[1], "VALKEY_URL": "redis://x", "LOG_FORMAT": "json",
+}))
+
+async def main() -> None:
+    pool = await asyncpg.create_pool(sys.argv[1], min_size=1, max_size=2, timeout=2)
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)  # Postgres is stopped now
+    # A call's acquire fails: asyncpg starts its reconnecting task inside that call's context.
+    logs.current.set(logs.Request("/availability.v1.AvailabilityService/Z", "call-1", "", "x"))
+    try:
+        await pool.fetchval("SELECT 1")
+    except Exception:
+        pass
+    await asyncio.sleep(4)  # asyncpg retries 1 s, then 2 s, later
+    pool.terminate()
+
+asyncio.run(main())
+"""
+
+
+def test_the_pool_s_reconnects_through_an_outage_are_one_line_each_and_no_call_s(
+    own_postgres: LocalPostgres,
+) -> None:
+    """asyncpg's pool logs each failed reconnect of its floor with a whole traceback, in the
+    context of the call that started it (seen in the soak: a dashboard call's request id on
+    every line of a Postgres restart). The service logs one line each, without a request."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _POOL_OUTAGE, own_postgres.dsn],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline().strip() == "ready"
+        own_postgres.stop()
+        process.stdin.write("\n")
+        process.stdin.flush()
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]
+    pool = [line for line in lines if line["logger"] == "asyncpg.pool"]
+    assert pool, err
+    for line in pool:
+        assert str(line["message"]).startswith(
+            "Postgres pool: reconnecting to keep its minimum size failed ("
+        ), line
+        assert "exception" not in line and "request_id" not in line, line
 
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
