@@ -223,10 +223,11 @@ class Availability:
             raise
         changed("set_active", mitra_id, written.was_online, written.state.online)
         mirrored = await self._mirror("set_active", [written.state])
-        if pin is not None and mirrored:
-            await self._unpin(mitra_id, pin)
-        elif pin is not None:
-            self._pins[mitra_id] = pin  # unpinned by repair_unmirrored once it went through
+        if pin is not None:
+            if mirrored:
+                await self._unpin(mitra_id, pin)
+            else:
+                self._pins[mitra_id] = pin  # unpinned by repair_unmirrored once it went through
         return self._status_from_truth(written.state, written.now), written.revoked
 
     async def _unpin(self, mitra_id: UUID, pin: int) -> None:

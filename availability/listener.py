@@ -37,6 +37,7 @@ from .domain import Availability
 from .errors import TruthUnavailable
 from .mirror import MIRROR_ERRORS
 from .mirror.sessions import ALL_SESSIONS
+from .model import MitraState
 from .truth import CHANGES_TAKEN, HEARTBEATS_FLUSHED
 
 log = logging.getLogger(__name__)
@@ -203,13 +204,11 @@ class ChangeListener:
         moved = [m for m in loads.keys() | before.keys() if loads.get(m) != before.get(m)]
         self.load_polls += 1
         for at in range(0, len(moved), _TAKE_BATCH):
-            ids = moved[at : at + _TAKE_BATCH]
             try:
-                states = await self._availability.resync(ids)
+                states = await self._resync(moved[at : at + _TAKE_BATCH])
             except TruthUnavailable:
-                self._pending.update(moved[at:])  # after the reconnect's reconcile
+                self._pending.update(moved[at + _TAKE_BATCH :])
                 raise
-            self.resyncs += 1
             # The next diff starts from what the resync read and mirrored, not from what this
             # poll saw: a load that moved between the two and moved back before the next poll
             # would otherwise stay in the mirror, diffed by nobody.
@@ -237,14 +236,20 @@ class ChangeListener:
         if not self._pending:
             return False
         ids = [self._pending.pop() for _ in range(min(_TAKE_BATCH, len(self._pending)))]
+        await self._resync(ids)
+        return bool(self._pending) or len(ids) >= _TAKE_BATCH
+
+    async def _resync(self, ids: list[UUID]) -> list[MitraState]:
+        """Resync these mitras (not idle meanwhile); what the resync read. If Postgres is
+        lost they are kept pending, for after the reconnect's reconcile (taken from the table
+        or diffed already, they are noted nowhere else)."""
         self._resyncing = True
         try:
-            await self._availability.resync(ids)
+            states = await self._availability.resync(ids)
         except TruthUnavailable:
-            # Taken from the table already: keep them for after the reconnect's reconcile.
             self._pending.update(ids)
             raise
         finally:
             self._resyncing = False
         self.resyncs += 1
-        return bool(self._pending) or len(ids) >= _TAKE_BATCH
+        return states

@@ -40,12 +40,12 @@ _KNOWN_PORTS = frozenset({5432, 6379, 26379, 9090})
 _LOWEST_PORT = 10000
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _ephemeral_low() -> int:
+    """Where the kernel's ephemeral port range starts."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_port() -> int:
@@ -54,7 +54,7 @@ def free_port() -> int:
     outgoing connection (to Postgres, to Valkey) before the server meant to listen on it
     binds it, and then the server cannot (seen with six test workers: a metrics port taken).
     Keeps clear of the well-known ports of Postgres, Valkey, Sentinel and Prometheus."""
-    low = _ephemeral_range()[0]
+    low = _ephemeral_low()
     if low - _LOWEST_PORT >= 1000:
         for _ in range(100):
             port = random.randrange(_LOWEST_PORT, low)
