@@ -14,8 +14,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 from uuid import UUID
 
 from .errors import LimitReached, WatchInterrupted
@@ -33,7 +34,26 @@ latency, a stale mitra leaves every watcher's set well within a second."""
 _RETRY_SECONDS = 0.5
 _POSITION_CHECK_SECONDS = 1.0
 
+LOST_AFTER_SECONDS = 1.0
+"""How long the hub retries its failing Valkey calls before it ends every watch. A call that
+timed out because this process's event loop was busy (a thousand watches arriving at once)
+is not a lost Valkey, and the stream keeps every change after the hub's revision, so a retry
+within this loses nothing; a Valkey that is gone fails every retry, and its watches end."""
+_RETRY_SOON_SECONDS = 0.05
+
+SNAPSHOT_SENDS = 8
+"""Snapshot parts in the sending at once, over all of a process's watchers. gRPC encodes each
+part in the event loop (5,000 mitras, about a millisecond): a burst of watchers of a city (a
+thousand dashboards back after a deploy) would otherwise make each turn of the loop encode a
+part for every one of them, and every other call's Valkey reply would wait behind that past
+its timeout (seen: the hub's own calls timed out and it ended every watch)."""
+
+SNAPSHOT_SEND_WAIT_SECONDS = 5.0
+"""How long a part waits for a free place before it goes anyway: a client that stopped
+reading holds its place until its write completes, and must not hold up the others for long."""
+
 Event = AvailabilitySnapshot | AvailabilityChange
+_Part = TypeVar("_Part")
 
 
 class _Resync(Exception):
@@ -64,6 +84,10 @@ class WatchStats:
     overflows: int = 0
     resyncs: int = 0
     losses: int = 0
+    retries: int = 0
+    """failed Valkey calls of the hub that it retried without ending the watches"""
+    most_snapshot_sends: int = 0
+    """the most places for snapshot parts ever held at once (at most SNAPSHOT_SENDS)"""
 
 
 def _leading_to(retained: list[AvailabilityChange], revision: int) -> list[AvailabilityChange]:
@@ -92,10 +116,33 @@ class WatchHub:
         self._marker = ""
         self.ready = False
         self.stats = WatchStats()
+        self._send_places = asyncio.Semaphore(SNAPSHOT_SENDS)
+        self.places_held = 0
+        self._failing_since: float | None = None
 
     @property
     def watchers(self) -> int:
         return len(self._watchers)
+
+    async def paced(self, parts: Sequence[_Part]) -> AsyncGenerator[_Part]:
+        """A snapshot's parts, each holding one of SNAPSHOT_SENDS places from when it is
+        handed out until the next is asked for (gRPC has sent it by then). Close it with
+        contextlib.aclosing, so a watch that ends midway gives its place back at once."""
+        for part in parts:
+            held = True
+            try:
+                async with asyncio.timeout(SNAPSHOT_SEND_WAIT_SECONDS):
+                    await self._send_places.acquire()
+            except TimeoutError:
+                held = False
+            self.places_held += held
+            self.stats.most_snapshot_sends = max(self.stats.most_snapshot_sends, self.places_held)
+            try:
+                yield part
+            finally:
+                if held:
+                    self.places_held -= 1
+                    self._send_places.release()
 
     async def start(self) -> None:
         """Take the first snapshot now if Valkey answers (so a server that reports SERVING
@@ -200,6 +247,10 @@ class WatchHub:
                 log.warning("watch: %s; watchers get a fresh snapshot", exc)
                 resync = True
             except _LOST as exc:
+                if self._retrying(exc):
+                    await asyncio.sleep(_RETRY_SOON_SECONDS)
+                    continue
+                self._failing_since = None
                 if self.ready:
                     self.stats.losses += 1
                     log.warning(
@@ -213,6 +264,26 @@ class WatchHub:
                     )
                 self.ready = False
                 await asyncio.sleep(_RETRY_SECONDS)
+
+    def _retrying(self, exc: BaseException) -> bool:
+        """Whether a failed call of a following hub is retried rather than ending every
+        watch: for LOST_AFTER_SECONDS after the first failure (a flushed mirror never is)."""
+        if not self.ready or isinstance(exc, _Unseeded):
+            return False
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            log.warning(
+                "watch: a Valkey call failed (%s: %s); retrying for up to %.1f s before ending"
+                " watches",
+                type(exc).__name__,
+                exc,
+                LOST_AFTER_SECONDS,
+            )
+        if now - self._failing_since >= LOST_AFTER_SECONDS:
+            return False
+        self.stats.retries += 1
+        return True
 
     async def _tail(self) -> None:
         checked = time.monotonic()
@@ -231,6 +302,7 @@ class WatchHub:
                 if revision < self.revision:
                     raise _Resync(f"the revision went back from {self.revision} to {revision}")
                 checked = time.monotonic()
+                self._failing_since = None  # both of the hub's kinds of call answered
 
     def _apply(self, change: AvailabilityChange) -> None:
         if change.kind is ChangeKind.UNAVAILABLE:

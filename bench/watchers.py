@@ -19,6 +19,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,9 @@ async def bench_watchers(admin_dsn: str, valkey_url: str, quick: bool) -> list[R
                             changes,
                             fleet.mitras[0],
                         )
+                    except RuntimeError as exc:
+                        tail = "\n".join(served.log_text().splitlines()[-30:])
+                        raise RuntimeError(f"{exc}\nthe server's log ends:\n{tail}") from None
                     finally:
                         if pinned:
                             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
@@ -126,8 +130,16 @@ async def _measure(
     ]
     rows: list[Row] = []
     try:
-        if not await _until(lambda: all(w.parts >= parts for w in watchers), 600):
-            raise RuntimeError("not every watcher received its snapshot within 600 s")
+        while not await _until(lambda: all(w.parts >= parts for w in watchers), 60):
+            whole = sum(w.parts >= parts for w in watchers)
+            failed = dict(Counter(w.error for w in watchers if w.error)) or "none"
+            waited = time.perf_counter() - started
+            progress(f"watchers: {whole} of {WATCHERS} whole snapshots after {waited:.0f} s")
+            if waited > 600:
+                raise RuntimeError(
+                    f"{whole} of {WATCHERS} watchers received their whole snapshot ({parts}"
+                    f" parts) within 600 s; errors: {failed}"
+                )
         snapshots_s = time.perf_counter() - started
         await asyncio.sleep(1.0)
         watched_rss = _rss_mib(pid)

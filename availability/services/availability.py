@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -185,8 +186,9 @@ class AvailabilityService(pb_grpc.AvailabilityServiceServicer):
         await context.send_initial_metadata(((REVISION_HEADER, str(hub.revision)),))
         async for event in hub.watch(resume or None):
             if isinstance(event, AvailabilitySnapshot):
-                for part in self._snapshot(event):
-                    yield part
+                async with contextlib.aclosing(hub.paced(self._snapshot(event))) as parts:
+                    async for part in parts:
+                        yield part
             else:
                 yield convert.change(event)
 
