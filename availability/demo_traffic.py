@@ -180,15 +180,20 @@ class DemoTraffic:
 
         await asyncio.gather(*(bounded(item) for item in items))
 
-    async def _call(self, method: str, call: Awaitable[T]) -> T | grpc.StatusCode:
+    async def _call(
+        self, method: str, call: Awaitable[T], app: _App | None = None
+    ) -> T | grpc.StatusCode:
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
+            code = exc.code()
             # CANCELLED is the server going away under a call in flight (Ctrl-C on `make
-            # run`): the end of the demo, not an error of its traffic.
-            if exc.code() is not grpc.StatusCode.CANCELLED:
-                self.errors[f"{method} {exc.code().name}"] += 1
-            return exc.code()
+            # run`): the end of the demo, not an error of its traffic. An app's call refused
+            # because the demo itself deactivated its mitra meanwhile is not one either.
+            mine = app is not None and not app.active and code in _OFF_DUTY
+            if code is not grpc.StatusCode.CANCELLED and not mine:
+                self.errors[f"{method} {code.name}"] += 1
+            return code
 
     def _refused(self, app: _App, code: grpc.StatusCode) -> None:
         if code in _OFF_DUTY and app.active:
@@ -219,7 +224,7 @@ class DemoTraffic:
 
     async def _learn(self, app: _App) -> None:
         """An app's first heartbeat: the answer says whether its mitra is online."""
-        answer = await self._call("Heartbeat", self._client.heartbeat(app.mitra_id))
+        answer = await self._call("Heartbeat", self._client.heartbeat(app.mitra_id), app)
         if isinstance(answer, grpc.StatusCode):
             self._refused(app, answer)
             return
@@ -229,7 +234,7 @@ class DemoTraffic:
     async def _beat(self, app: _App) -> None:
         back = app.quiet_until is not None
         app.quiet_until = None
-        answer = await self._call("Heartbeat", self._client.heartbeat(app.mitra_id))
+        answer = await self._call("Heartbeat", self._client.heartbeat(app.mitra_id), app)
         if isinstance(answer, grpc.StatusCode):
             self._refused(app, answer)
             app.next_beat = time.monotonic() + self._between(_HEARTBEAT_RETRY)
@@ -245,7 +250,7 @@ class DemoTraffic:
             app.online = False
 
     async def _set_online(self, app: _App) -> None:
-        answer = await self._call("SetOnline", self._client.set_online(app.mitra_id))
+        answer = await self._call("SetOnline", self._client.set_online(app.mitra_id), app)
         if isinstance(answer, grpc.StatusCode):
             self._refused(app, answer)
             return
@@ -254,7 +259,7 @@ class DemoTraffic:
         app.next_beat = time.monotonic() + self._between(_HEARTBEAT)
 
     async def _set_offline(self, app: _App) -> None:
-        answer = await self._call("SetOffline", self._client.set_offline(app.mitra_id))
+        answer = await self._call("SetOffline", self._client.set_offline(app.mitra_id), app)
         if isinstance(answer, grpc.StatusCode):
             self._refused(app, answer)
             return
@@ -303,8 +308,12 @@ class DemoTraffic:
             deactivate = not deactivate
 
     async def _set_active(self, app: _App, active: bool) -> None:
+        before = app.active, app.online, app.quiet_until
+        if not active:  # no more calls for it from now: those in flight may be refused
+            app.active, app.online, app.quiet_until = False, False, None
         call = self._client.set_mitra_active(app.mitra_id, active)
         if isinstance(answer := await self._call("SetMitraActive", call), grpc.StatusCode):
+            app.active, app.online, app.quiet_until = before
             self._refused(app, answer)
             return
         app.active = active
@@ -313,7 +322,6 @@ class DemoTraffic:
             self.tally["reactivated"] += 1
             await self._set_online(app)
         else:
-            app.online, app.quiet_until = False, None
             self._deactivated.append(app.mitra_id)
             self.tally["deactivated"] += 1
 

@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -20,13 +21,14 @@ import pytest
 import redis.asyncio as redis
 
 from availability.client import AvailabilityClient
+from availability.demo_traffic import DemoTraffic
 from availability.local_stores import free_port
 from availability.model import AvailabilitySnapshot
 from availability.server import Server
 from availability.settings import Settings
 from availability.status import gather
 
-from .helpers import eventually, scrape_metrics, server_env, store_env
+from .helpers import Fleet, eventually, scrape_metrics, server_env, store_env
 
 # Ten times the default pace: staleness 9 s (the traffic scales with it: heartbeats every
 # 1.5-3 s, 15 chats a second), auto-offline every 3 s. Valkey's timeout as the `settings`
@@ -235,3 +237,25 @@ async def test_demo_live_brings_a_dead_fleet_back_and_drives_a_running_server(
     )
     assert beats >= 25, "every active app heartbeats once at the start, then every 1.5-3 s"
     assert "Traceback" not in text, text
+
+
+async def test_a_call_in_flight_when_the_demo_deactivates_its_mitra_is_not_an_error(
+    server: Server, fleet: Fleet, database_url: str
+) -> None:
+    """The demo's own deactivation races its apps' heartbeats: one already sent comes back
+    refused (the mitra is deactivated, its sessions revoked). That is the demo's doing, not an
+    error of its traffic (a `make run` once reported `errors: Heartbeat PERMISSION_DENIED 1`)."""
+    mitra = await fleet.mitra(online=True)
+    async with (
+        AvailabilityClient(f"127.0.0.1:{server.port}", timeout=5.0) as client,
+        asyncpg.create_pool(database_url, min_size=1, max_size=2) as pool,
+    ):
+        demo = DemoTraffic(client, pool)
+        await demo._start()
+        app = demo._apps[mitra]
+        assert app.active and app.online
+        await demo._set_active(app, False)
+        await demo._beat(app)  # sent before the deactivation, answered after it
+        assert demo.errors == Counter()
+        assert demo.tally["deactivated"] == 1 and demo._deactivated == [mitra]
+        assert not app.active and not app.online
