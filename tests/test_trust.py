@@ -397,7 +397,9 @@ async def test_a_newer_layout_owns_the_mirror_and_the_last_version_standing_take
 
         # v(n+1) rolled back: once its layout is no longer live, v(n) takes the mirror over.
         await eventually(lambda: from_cache(old_stub), timeout=20)
-        assert trust_of(old) is Trust.TRUSTED
+        # Valkey holds the marker from the moment the seed's last script ran; the instance
+        # reads that script's answer a moment later.
+        await eventually(lambda: _true(trust_of(old) is Trust.TRUSTED), timeout=5)
         assert (await valkey.get(keys.seeded)).startswith(f"v{old_layout} ")
         assert await valkey.smembers(keys.online) == await online_in_truth(db)
         statuses = [
@@ -411,6 +413,31 @@ async def test_a_newer_layout_owns_the_mirror_and_the_last_version_standing_take
             (snapshot,) = await after.wait_for(1)
         assert str(banned) not in snapshot_ids(snapshot), "a fresh snapshot, not a replay"
         assert set(snapshot_ids(snapshot)) <= {str(m) for m in mitras}
+
+
+async def test_a_check_read_after_a_later_one_does_not_undo_it(
+    server_on_own_valkey: Server,
+) -> None:
+    """Checks run on several connections: a new connection's check that ran during a reseed
+    can be read after the reseed's mark. The instance keeps the later answer (by Valkey's
+    clock), unless the earlier one came from another Valkey process."""
+    assert server_on_own_valkey.availability is not None
+    mirror = server_on_own_valkey.availability.mirror
+    earlier = await mirror.check_trust()
+    await asyncio.sleep(0.01)
+    later = await mirror.check_trust()
+    assert later.at_ms > earlier.at_ms
+    stale = replace(earlier, verdict=Trust.UNSEEDED)
+    mirror._observe(stale)
+    assert mirror.trust is later
+    # A distrust read late is not kept, but it happened (its check dropped the marker).
+    distrusted = mirror.distrusted
+    mirror._observe(replace(earlier, verdict=Trust.DISTRUSTED))
+    assert mirror.trust is later
+    assert mirror.distrusted == distrusted + 1
+    elsewhere = replace(stale, identity="another-run-id " + stale.identity.split(" ", 1)[1])
+    mirror._observe(elsewhere)
+    assert mirror.trust is elsewhere
 
 
 async def test_a_valkey_out_of_memory_still_takes_new_connections(

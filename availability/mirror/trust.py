@@ -46,6 +46,18 @@ class TrustCheck:
     highest_layout: int
     maxmemory_policy: str
     role: str
+    at_ms: int
+    """Valkey's clock when the check ran: checks on two connections can be answered in one
+    order and read in the other."""
+
+    @property
+    def run_id(self) -> str:
+        """The Valkey process that answered (the first part of its identity)."""
+        return self.identity.split(" ", 1)[0]
+
+    def predates(self, other: TrustCheck) -> bool:
+        """Ran before `other` in the same Valkey process (whose clock it shares)."""
+        return self.run_id == other.run_id and self.at_ms < other.at_ms
 
 
 LAYOUT_LIVE_SECONDS = 10.0
@@ -70,7 +82,7 @@ class TrustMixin(MirrorBase):
         first trust check."""
         if self.trust is None:
             return ""
-        return f"{self.trust.identity.split(' ', 1)[0]} {self.keys.prefix}"
+        return f"{self.trust.run_id} {self.keys.prefix}"
 
     @property
     def guest(self) -> bool:
@@ -96,7 +108,7 @@ class TrustMixin(MirrorBase):
         # Valkey answered: whatever the breaker thought, it is there (the check runs every
         # second, so an open breaker closes within a second of Valkey's return).
         self.breaker.succeeded()
-        verdict, marker, identity, highest, policy, role = reply
+        verdict, marker, identity, highest, policy, role, at_ms = reply
         check = TrustCheck(
             Trust(verdict.decode()),
             marker.decode(),
@@ -104,14 +116,17 @@ class TrustMixin(MirrorBase):
             int(highest),
             policy.decode(),
             role.decode(),
+            int(at_ms),
         )
         if action != "peek":
             self._observe(check)
         return check
 
     def _observe(self, check: TrustCheck) -> None:
-        """Log what changed since the last check (each is rare and worth a line)."""
-        last, self.trust = self.trust, check
+        """Keep the latest check and log what changed since the one before (each is rare and
+        worth a line). A check read after a later one (a new connection's check, run during a
+        reseed, read after the reseed's mark) is not kept; a distrust it made is still counted,
+        since its check dropped the marker whichever answer is read first."""
         if check.verdict is Trust.DISTRUSTED:
             self.distrusted += 1
             log.warning(
@@ -120,6 +135,9 @@ class TrustMixin(MirrorBase):
                 check.marker,
                 check.identity,
             )
+        if self.trust is not None and check.predates(self.trust):
+            return
+        last, self.trust = self.trust, check
         if check.verdict is Trust.GUEST and (last is None or last.verdict is not Trust.GUEST):
             log.warning(
                 "mirror layout v%d is live and owns the mirror; this instance (v%d) answers "

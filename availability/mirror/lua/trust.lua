@@ -15,9 +15,9 @@
 --   mark   check, then write the marker if the data set is still the one the seed started
 --          from (a flush or a distrust since then dropped SEEDING, so the seed is void).
 --   peek   nothing written (availability status).
--- Returns {verdict, held marker or '', identity, highest live layout, maxmemory-policy, role}:
--- verdict is trusted, unseeded, distrusted, guest (a newer layout is live: not ours to use)
--- or void (mark: the seed must run again).
+-- Returns {verdict, held marker or '', identity, highest live layout, maxmemory-policy, role,
+-- Valkey's time in ms}: verdict is trusted, unseeded, distrusted, guest (a newer layout is live:
+-- not ours to use) or void (mark: the seed must run again).
 local action, layout, live_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
 local function field(section, name)
@@ -81,4 +81,4 @@ elseif action == 'mark' and verdict ~= 'guest' then
     verdict = 'void'
   end
 end
-return {verdict, held or '', identity, highest, policy, role}
+return {verdict, held or '', identity, highest, policy, role, now}
