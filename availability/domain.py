@@ -231,7 +231,12 @@ class Availability:
         return self._status_from_truth(written.state, written.now), written.revoked
 
     async def _unpin(self, mitra_id: UUID, pin: int) -> None:
-        await self._mirror_best_effort("unpin", self.mirror.unpin(pin, [mitra_id]))
+        """A pin that could not be lifted (a timeout on a live Valkey) is lifted by the next
+        repair, not left to run out: until then the mitra is answered from Postgres and left
+        out of FindAvailableMitras, even once reactivated."""
+        if not await self._mirror_best_effort("unpin", self.mirror.unpin(pin, [mitra_id])):
+            self._pins[mitra_id] = pin
+            self.unmirrored.add(mitra_id)
 
     async def _pin(self, mitra_id: UUID) -> int | None:
         """The pin (mirror.pin), or None when Valkey did not take it: then the deactivation

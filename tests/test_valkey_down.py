@@ -11,12 +11,13 @@ from dataclasses import replace
 import asyncpg
 import grpc
 import pytest
+import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from availability.local_stores import LocalValkey
-from availability.mirror import Breaker, MirrorDown
+from availability.mirror import Breaker, Keys, Mirror, MirrorDown, connect_valkey
 from availability.server import Server, running
 from availability.settings import Settings
 from availability.v1 import availability_pb2 as pb
@@ -215,6 +216,12 @@ def test_each_failed_probe_keeps_the_breaker_open_twice_as_long_up_to_a_ceiling(
     breaker.check()  # back to the shortest wait (0.05 s, not 0.8 s) after a success
 
 
+async def _timed_out(*_: object) -> None:
+    """The fake: one Valkey call that times out on a live Valkey (a real one cannot be made to
+    fail a single call)."""
+    raise RedisTimeoutError("Timeout reading from socket")
+
+
 async def test_a_deactivation_whose_mirror_write_fails_is_never_served(
     server: Server, stub: Stub, settings: Settings, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -226,9 +233,6 @@ async def test_a_deactivation_whose_mirror_write_fails_is_never_served(
     assert server.availability is not None
     mirror = server.availability.mirror
 
-    async def lost(*_: object) -> None:
-        raise RedisTimeoutError("Timeout reading from socket")  # the fake: this write only
-
     async with (
         running(settings) as other,
         grpc.aio.insecure_channel(f"127.0.0.1:{other.port}") as channel,
@@ -239,7 +243,7 @@ async def test_a_deactivation_whose_mirror_write_fails_is_never_served(
         assert (before.reachable, before.source) == (True, pb.SOURCE_CACHE)
 
         with monkeypatch.context() as patched:
-            patched.setattr(mirror, "apply", lost)
+            patched.setattr(mirror, "apply", _timed_out)  # this write only
             await stub.SetMitraActive(pb.SetMitraActiveRequest(mitra_id=str(mitra), active=False))
             assert mitra in server.availability.unmirrored
             # The mirror still holds the mitra as online and active; both instances ask Postgres.
@@ -278,6 +282,34 @@ async def test_a_deactivation_unpins_its_mitra_once_the_mirror_holds_it(
     await eventually(from_the_mirror, timeout=10)
 
 
+async def test_a_pin_that_could_not_be_lifted_is_lifted_by_the_repair(
+    server: Server, stub: Stub, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deactivation reached the mirror but lifting its pin timed out: the repair lifts it
+    within a second or two, not the pin's own expiry (half a minute) during which the mitra,
+    reactivated and online, would be left out of FindAvailableMitras."""
+    mitra = await fleet.mitra("Ayu")
+    await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+    assert server.availability is not None
+    mirror = server.availability.mirror
+
+    with monkeypatch.context() as patched:
+        patched.setattr(mirror, "unpin", _timed_out)  # the unpin only
+        await stub.SetMitraActive(pb.SetMitraActiveRequest(mitra_id=str(mitra), active=False))
+    assert server.availability.counters.mirror_write_errors.get("unpin") == 1
+    await stub.SetMitraActive(pb.SetMitraActiveRequest(mitra_id=str(mitra), active=True))
+    await stub.SetOnline(pb.SetOnlineRequest(mitra_id=str(mitra)))
+
+    async def found_from_the_mirror() -> bool:
+        found = await stub.FindAvailableMitras(pb.FindAvailableMitrasRequest())
+        assert found.source == pb.SOURCE_CACHE
+        status = await stub.GetMitraStatus(pb.GetMitraStatusRequest(mitra_id=str(mitra)))
+        assert status.status.available
+        return str(mitra) in {m.mitra_id for m in found.mitras}
+
+    await eventually(found_from_the_mirror, timeout=10)
+
+
 async def test_a_deactivation_pins_its_mitra_even_while_the_breaker_is_open(
     server: Server, stub: Stub, fleet: Fleet
 ) -> None:
@@ -298,3 +330,29 @@ async def test_a_deactivation_pins_its_mitra_even_while_the_breaker_is_open(
     taken_at, asked = await mirror.resync_requests()
     assert mitra in asked and pin > taken_at  # pinned: no resync before then releases it
     await mirror.unpin(pin, [mitra])
+
+
+async def test_a_resync_request_of_the_take_s_own_millisecond_waits_for_the_next_take(
+    fleet: Fleet, valkey: redis.Redis, settings: Settings
+) -> None:
+    """A request asked in the very millisecond of a take, after it, may come from a write that
+    committed after the resync read Postgres: releasing it would leave that write out of the
+    mirror until the reconcile sweep. (No server runs on this mirror: its own resyncs would
+    take and release the requests meanwhile.)"""
+    early, same = await fleet.mitra("Early"), await fleet.mitra("Same")
+    mirror = Mirror(connect_valkey(settings), settings)
+    try:
+        resync = Keys.for_prefix(settings.valkey_key_prefix).resync
+        await mirror.request_resync([early, same])
+        asked = await valkey.zscore(resync, str(same))
+        assert asked is not None
+        await valkey.zadd(resync, {str(early): asked - 1})  # asked a millisecond before
+
+        await mirror.release_resync_requests(int(asked), [early, same])
+
+        assert await valkey.zscore(resync, str(early)) is None
+        assert await valkey.zscore(resync, str(same)) == asked
+        await mirror.release_resync_requests(int(asked) + 1, [same])
+        assert await valkey.zscore(resync, str(same)) is None
+    finally:
+        await mirror.close()

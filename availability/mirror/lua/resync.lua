@@ -5,7 +5,9 @@
 -- there every reader answers it from Postgres.
 -- ARGV[1]: request (ARGV[2..]: ids) | take (ARGV[2]: at most how many; returns {now, ids...})
 -- | release (ARGV[2]: the `now` take returned, ARGV[3..]: ids resynced since): drops each id
--- not asked for again after that take, since the resync read Postgres after it
+-- asked for before that take's millisecond, since the resync read Postgres after it (one asked
+-- in the same millisecond, after the take, may have been written after the read: it waits for
+-- the next take)
 -- | pin (ARGV[2]: ms, ARGV[3..]: ids; returns the score): asked for that far in the future,
 -- so no release drops it before then: a deactivation pins its mitra before it commits, so a
 -- mirror write that fails after the commit cannot leave the mitra served from the mirror
@@ -43,7 +45,7 @@ local taken_at = tonumber(ARGV[2])
 local released = 0
 for i = 3, #ARGV do
   local asked = tonumber(redis.call('ZSCORE', RESYNC, ARGV[i]))
-  if asked and asked <= taken_at then
+  if asked and asked < taken_at then
     released = released + redis.call('ZREM', RESYNC, ARGV[i])
   end
 end
