@@ -1,6 +1,6 @@
 """How long a replaced Valkey is trusted, and how long until it is trusted again, with a
-city-scale fleet: `python -m bench.trust [--mitras 100000]` writes bench/TRUST.md (and
-`make bench` adds its rows to bench/RESULTS.md).
+city-scale fleet. `make bench` puts its rows in bench/RESULTS.md, their one home;
+`python -m bench.trust [--mitras 100000]` prints the same table alone, to try a change.
 
 For each fault, a server (in this process) serves a fleet from its own throwaway Valkey while a
 probe reads one mitra's status every millisecond, as IsMitraReachable does, and a watch polls
@@ -35,8 +35,6 @@ from availability.settings import Settings
 from availability.truth import Truth
 
 from .common import Row, online_fleet, progress, stores
-
-HERE = Path(__file__).parent
 
 
 class Endpoint:
@@ -437,28 +435,23 @@ def _row(t: Timing, mitras: int) -> Row:
     return row
 
 
-def write_trust(rows: list[Row], mitras: int) -> None:
+def trust_table(rows: list[Row], mitras: int) -> str:
     lines = [
-        "# Trusting Valkey again after a fault",
-        "",
         f"`python -m bench.trust --mitras {mitras}` ({time.strftime('%Y-%m-%d %H:%M')} UTC). "
         "See the module's docstring for what is measured.",
         "",
         "| fault | figure | replaced data set served | note |",
         "| --- | --- | --- | --- |",
         *(f"| {r.case} | {r.figure} | {r.comparison} | {r.note} |" for r in rows),
-        "",
     ]
-    (HERE / "TRUST.md").write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 async def main(mitras: int) -> None:
 
     async with stores() as base:
         rows = await bench_trust(base.admin_dsn, mitras)
-    write_trust(rows, mitras)
-    for r in rows:
-        progress(f"{r.case}: {r.figure} | {r.comparison}")
+    print(trust_table(rows, mitras))
 
 
 if __name__ == "__main__":

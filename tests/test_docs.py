@@ -29,26 +29,52 @@ def test_every_setting_has_its_docstring() -> None:
     assert [f.name for f in dataclasses.fields(Settings) if f.name not in documented] == []
 
 
-RESULTS = ("bench/RESULTS.md", "bench/CHAOS.md", "bench/TRUST.md", "bench/SOAK.md")
+RESULTS = ("bench/RESULTS.md", "bench/CHAOS.md", "bench/SOAK.md")
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 
 
-def test_every_headline_figure_is_a_row_of_the_results() -> None:
-    """bench/README.md quotes the figures of bench/RESULTS.md (and the chaos, trust and soak
-    files), never its own: each number of its table's figure columns is in one of them."""
-    root = api_reference.ROOT
-    results = "".join((root / name).read_text() for name in RESULTS)
-    table = [
-        line
-        for line in (root / "bench" / "README.md").read_text().splitlines()
-        if line.startswith("| ") and not line.startswith(("| case", "| ---"))
+def _table(path: str, header: str) -> list[list[str]]:
+    """The rows of the table under `header` (its first row) in `path`, as lists of cells."""
+    lines = (api_reference.ROOT / path).read_text().splitlines()
+    start = lines.index(header)
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("path", "header", "columns"),
+    [
+        # the figure and what it stands next to
+        ("bench/README.md", "| case | figure | next to |", slice(1, 3)),
+        # the figure only: the last column is arithmetic on it
+        ("docs/deployment.md", "| what | figure | so |", slice(1, 2)),
+        # the trust table: every column after the fault's name
+        (
+            "docs/deployment.md",
+            "| fault | replaced marker gone after | reads served from the replaced data set"
+            " | cache answers again after |",
+            slice(1, 4),
+        ),
+    ],
+    ids=["bench-readme", "sizing", "trust"],
+)
+def test_every_quoted_figure_is_a_row_of_the_results(
+    path: str, header: str, columns: slice
+) -> None:
+    """The docs quote the figures of bench/RESULTS.md (and the chaos and soak files),
+    never their own: each number of a quoting table's figure columns is in one of them."""
+    results = "".join((api_reference.ROOT / name).read_text() for name in RESULTS)
+    rows = _table(path, header)
+    assert rows, f"{path}'s table {header}"
+    missing = [
+        f"{row[0]}: {number}"
+        for row in rows
+        for cell in row[columns]
+        for number in NUMBER.findall(cell.replace("`", ""))
+        if number not in results
     ]
-    assert table, "bench/README.md's headline table"
-    missing = []
-    for row in table:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        for cell in cells[1:3]:  # the figure and what it stands next to
-            for number in NUMBER.findall(cell.replace("`", "")):
-                if number not in results:
-                    missing.append(f"{cells[0]}: {number}")
     assert missing == [], missing

@@ -8,7 +8,7 @@
 Every unary call has a deadline and is retried on UNAVAILABLE by gRPC itself (the channel's
 service config: service_config): each is idempotent, a state set or a read. A retried
 deactivation that had committed reports 0 revoked sessions the second time. Errors are
-grpc.aio.AioRpcError with the codes of API.md.
+grpc.aio.AioRpcError with the codes of docs/api.md (Errors).
 """
 
 from .calls import AvailabilityClient, service_config

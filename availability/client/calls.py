@@ -1,6 +1,7 @@
-"""The client's methods, one an RPC of API.md. Deadlines, retries and round-robin balancing
-are the channel's service config rather than code in each method: gRPC applies them to every
-call alike, and the Node client reads the same config (clients/node/src/serviceConfig.ts)."""
+"""The client's methods, each an RPC of docs/api/reference.md. Deadlines, retries and
+round-robin balancing are the channel's service config rather than code in each method: gRPC
+applies them to every call alike, and the Node client reads the same config
+(clients/node/src/serviceConfig.ts)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def service_config(timeout: float, attempts: int) -> str:
 
 
 class AvailabilityClient:
-    """Every RPC of API.md, typed with the service's own model classes."""
+    """Every RPC of docs/api/reference.md, typed with the service's own model classes."""
 
     def __init__(
         self,

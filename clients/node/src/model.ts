@@ -1,5 +1,6 @@
-/** The service's values as this client returns them: the names of API.md in camelCase,
- * enums as lower-case words (as availability.model in Python), times as Date. */
+/** The service's values as this client returns them: the names of the API reference
+ * (docs/api/reference.md) in camelCase, enums as lower-case words (as availability.model in
+ * Python), times as Date. */
 
 /** Which store answered a read. */
 export type Source = "cache" | "database";
