@@ -184,15 +184,16 @@ async def test_unknown_credentials_are_unauthenticated_and_health_stays_open(
             return names
 
         listed = await services(bearer(secret))
-        with pytest.raises(grpc.aio.AioRpcError) as unlisted:
-            await services(())
+        # Refused on its metadata alone: a request written meanwhile can race the refusal in
+        # the client, which then reports INTERNAL ("Failed execute_batch").
+        unlisted = await reflection.ServerReflectionInfo(metadata=()).code()
 
     assert refused == [UNAUTHENTICATED] * 5
     assert streamed[0] == UNAUTHENTICATED and "Bearer" in streamed[1]
     assert allowed[0] == grpc.StatusCode.OK
     assert health.status == health_pb2.HealthCheckResponse.SERVING, "health stays open"
     assert "availability.v1.AvailabilityService" in listed, "reflection: any known caller"
-    assert unlisted.value.code() == UNAUTHENTICATED
+    assert unlisted == UNAUTHENTICATED
 
 
 async def test_client_certificates_map_to_callers_by_san_uri_dns_or_cn(

@@ -260,7 +260,8 @@ async def test_a_thousand_beacon_calls_at_expiry_compute_once(
                 for i in range(1000)
             )
         )
-        lives = 1 + int((time.monotonic() - started) / short.beacon_ttl_seconds)
+        # A shared snapshot lives BEACON_TTL_SECONDS less the instances' local second.
+        lives = 1 + int((time.monotonic() - started) / short.beacon_shared_seconds)
 
         # Once a snapshot's life: once, unless a loaded machine stretched the burst past it.
         computed = await mirror.beacon_computations() - before
@@ -278,15 +279,21 @@ async def test_beacon_with_valkey_down_does_not_stampede_postgres(
     own_valkey.stop()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server_on_own_valkey.port}") as channel:
         stub = pb_grpc.AvailabilityServiceStub(channel)
+        started = time.monotonic()
         replies = await asyncio.gather(
             *(stub.CountAvailableMitras(pb.CountAvailableMitrasRequest()) for _ in range(300))
         )
+        took = time.monotonic() - started
     assert {(r.available_count, r.online_count, r.source) for r in replies} == {
         (3, 3, pb.SOURCE_DATABASE)
     }
     availability = server_on_own_valkey.availability
     assert availability is not None
-    assert availability.counters.fallbacks["count_available"] == 1, "one Postgres query"
+    # One Postgres query a beacon_local_seconds at most, however many calls: one for all 300
+    # unless a loaded machine spread them over more than that.
+    queries = availability.counters.fallbacks["count_available"]
+    allowed = 1 + int(took / server_on_own_valkey.settings.beacon_local_seconds)
+    assert queries <= allowed, f"{queries} Postgres queries for 300 calls in {took:.2f} s"
 
 
 async def test_trigger_keeps_dashboard_loads_current(

@@ -182,8 +182,10 @@ async def test_following_survives_a_restart_and_heals_what_it_missed(
     async with running(own) as server:
         assert server.listener is not None and server.availability is not None
         availability = server.availability
-        own_postgres.kill()
-        own_postgres.start()
+        # The start-up seed has read Postgres (it mirrored the mitra) before the change lands,
+        # and the change lands before the restart: only the reconnect's reconcile can see it
+        # (a change made after the restart could come before the listener reconnected).
+        await eventually(lambda: _known(availability, unseen))
         db = await asyncpg.connect(own.database_url)
         async with db.transaction():
             await db.execute("SET LOCAL session_replication_role = replica")
@@ -192,8 +194,18 @@ async def test_following_survives_a_restart_and_heals_what_it_missed(
                 " VALUES ($1, gen_random_uuid(), 'active')",
                 unseen,
             )
+        await db.close()
+        own_postgres.kill()
+        own_postgres.start()
         await eventually(lambda: _load_is(availability, unseen, 1), timeout=30)
-        assert server.listener.reconnects >= 1
+        listener = server.listener
+
+        async def reconnected() -> bool:
+            # The reconcile a Postgres restart makes due may come first and heal it too.
+            return listener.reconnects >= 1
+
+        await eventually(reconnected, timeout=30)
+        db = await asyncpg.connect(own.database_url)
         await db.execute(
             "INSERT INTO chat_sessions (mitra_id, customer_id, status)"
             " VALUES ($1, gen_random_uuid(), 'active')",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 import time
@@ -18,7 +19,6 @@ import pytest
 import redis.asyncio as redis
 
 from availability.client import AvailabilityClient
-from availability.local_stores import free_port
 from availability.mirror import Keys
 from availability.settings import Settings
 
@@ -49,57 +49,66 @@ class Instance:
         )
 
 
+_LISTENING = (
+    re.compile(r"serving on 127\.0\.0\.1:(\d+)"),
+    re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics"),
+)
+
+
 @pytest.fixture
 async def instances(
     settings: Settings, tmp_path: Path, db: asyncpg.Connection
 ) -> AsyncIterator[list[Instance]]:
-    """Started after `db` empties the tables, so they seed from this test's fleet alone."""
+    """Started after `db` empties the tables, so they seed from this test's fleet alone. Each
+    binds ports the kernel picks (port 0) and says which in its log: a port picked here and
+    bound later could be taken meanwhile by another worker's server, and an instance whose
+    metrics port is taken serves without metrics (seen: this test scraped another worker's
+    gRPC port)."""
+    processes: list[tuple[asyncio.subprocess.Process, Path]] = []
     started: list[Instance] = []
     for index in range(3):
-        port, metrics = free_port(), free_port()
         env = {
             **os.environ,
             "DATABASE_URL": settings.database_url,
             "VALKEY_URL": settings.valkey_url,
             "VALKEY_CLUSTER": str(settings.valkey_cluster).lower(),
             "VALKEY_KEY_PREFIX": settings.valkey_key_prefix,
-            "GRPC_ADDRESS": f"127.0.0.1:{port}",
-            "METRICS_ADDRESS": f"127.0.0.1:{metrics}",
+            "GRPC_ADDRESS": "127.0.0.1:0",
+            "METRICS_ADDRESS": "127.0.0.1:0",
             "MITRA_AUTO_OFFLINE_SWEEP_SECONDS": str(SWEEP_SECONDS),
             "HEARTBEAT_MIRROR_INTERVAL_SECONDS": str(SWEEP_SECONDS),
             "BEACON_TTL_SECONDS": "2",
         }
-        with (tmp_path / f"instance-{index}.log").open("w") as log:
+        path = tmp_path / f"instance-{index}.log"
+        with path.open("w") as log:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "availability", "serve", env=env, stdout=log, stderr=log
             )
-        started.append(Instance(process, port, metrics))
+        processes.append((process, path))
     try:
-        for index, instance in enumerate(started):
-            async with AvailabilityClient(instance.address, attempts=1, timeout=1) as client:
+        for process, path in processes:
 
-                async def serving(
-                    client: AvailabilityClient = client, instance: Instance = instance
-                ) -> bool:
-                    assert instance.process.returncode is None, "it exited"
-                    try:
-                        return await client.health() == "SERVING"
-                    except Exception:
-                        return False
+            async def listening(
+                process: asyncio.subprocess.Process = process, path: Path = path
+            ) -> list[int]:
+                assert process.returncode is None, "it exited"
+                text = await asyncio.to_thread(path.read_text)
+                found = [pattern.search(text) for pattern in _LISTENING]
+                return [int(m[1]) for m in found if m] if all(found) else []
 
-                # Three processes start at once on 2 shared cores: a wait, not a deadline.
-                try:
-                    await eventually(serving, timeout=90, what=f"{instance.address} SERVING")
-                except AssertionError as exc:
-                    log = (tmp_path / f"instance-{index}.log").read_text()
-                    raise AssertionError(f"{exc}; its log ends:\n{log[-3000:]}") from None
+            # Three processes start at once on 2 shared cores: a wait, not a deadline.
+            try:
+                port, metrics = await eventually(listening, timeout=90, what=f"{path.name} serving")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; its log ends:\n{path.read_text()[-3000:]}") from None
+            started.append(Instance(process, port, metrics))
         yield started
     finally:
-        for instance in started:
-            if instance.process.returncode is None:
-                instance.process.send_signal(signal.SIGTERM)
-        for instance in started:
-            await instance.process.wait()
+        for process, _ in processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process, _ in processes:
+            await process.wait()
 
 
 def spread(instances: list[Instance]) -> AvailabilityClient:

@@ -75,7 +75,7 @@ class AvailabilityMachine(RuleBasedStateMachine):
         self.state = "up"
         self.beats = [Heartbeats() for _ in range(MITRAS)]
         self.sessions: dict[uuid.UUID, uuid.UUID] = {}
-        self.failed_writes = 0
+        self.failed_mirror_calls = 0
         """The server's failed mirror writes when answers were last checked."""
 
     def run(self, coro: Any) -> Any:
@@ -328,6 +328,12 @@ class AvailabilityMachine(RuleBasedStateMachine):
         self.valkey.pause()
         self.state = "paused"
 
+    def unknowable(self, beats: Heartbeats) -> bool:
+        """Whether a heartbeat's freshness cannot be judged now: lost with an outage before
+        it was flushed, or not flushed yet while a paused Valkey sends reads to Postgres, which
+        learns heartbeat times only at each flush (an older one there may be stale)."""
+        return beats.uncertain or (self.state == "paused" and beats.unflushed and beats.fresh)
+
     def lose_unflushed(self) -> None:
         for beats in self.beats:
             if beats.unflushed and beats.fresh:
@@ -363,6 +369,7 @@ class AvailabilityMachine(RuleBasedStateMachine):
 
         async def check() -> None:
             expected_available = set()
+            sources: list[str] = []
             for i, mitra in enumerate(self.mitras):
                 truth = await self.truth(mitra)
                 reply, code = await self.call(
@@ -371,11 +378,12 @@ class AvailabilityMachine(RuleBasedStateMachine):
                 assert code == grpc.StatusCode.OK
                 status = reply.status
                 where = f"mitra {i} ({pb.Source.Name(status.source)}, state {self.state})"
+                sources.append(pb.Source.Name(status.source).removeprefix("SOURCE_").lower())
                 assert status.online == truth["is_online"], where
                 assert status.active == truth["is_active"], where
                 assert status.load == truth["load"], where
                 beats = self.beats[i]
-                if beats.uncertain:
+                if self.unknowable(beats):
                     continue
                 fresh = beats.fresh and truth["is_online"]
                 if truth["is_online"]:
@@ -388,28 +396,47 @@ class AvailabilityMachine(RuleBasedStateMachine):
             assert code == grpc.StatusCode.OK
             found = {m.mitra_id for m in reply.mitras}
             uncertain = {
-                str(m) for m, b in zip(self.mitras, self.beats, strict=True) if b.uncertain
+                str(m) for m, b in zip(self.mitras, self.beats, strict=True) if self.unknowable(b)
             }
-            assert found - uncertain == expected_available
+            assert found - uncertain == expected_available, (
+                f"state {self.state}; FindAvailableMitras from {pb.Source.Name(reply.source)},"
+                f" statuses from {sources} (mitras {self.mitras})"
+            )
 
         async def converged() -> None:
             # Writes are best effort towards Valkey (docs/concepts.md): a mirror write that
             # failed while Valkey was up (a 0.2 s timeout on a loaded machine) leaves the old
-            # state in the mirror until the instance's repair, within a second or two. Only
-            # then may answers wait; otherwise they match the truth at once.
+            # state in the mirror until the instance's repair, within a second or two. A read
+            # that timed out likewise opens the breaker, and reads answered from Postgres
+            # meanwhile see a heartbeat only once it is flushed. And a deactivation leaves its
+            # mitra awaiting a resync (docs/internals.md: `{P}:resync`) until the instance's
+            # next one, within a second: GetMitraStatus answers it from Postgres meanwhile and
+            # FindAvailableMitras leaves it out, even once it is reactivated and online. Only
+            # then may answers wait; otherwise they match the truth at once. A mirror call that
+            # failed during the check itself counts too.
             assert self.server.availability is not None
             counters = self.server.availability.counters
-            failed = sum(counters.mirror_write_errors.values())
-            if failed == self.failed_writes or self.state != "up":
-                self.failed_writes = failed
-                return await check()
-            self.failed_writes = failed
+
+            def failed() -> int:
+                return sum(counters.mirror_write_errors.values()) + sum(counters.fallbacks.values())
+
+            async def awaiting_resync() -> bool:
+                try:
+                    return bool(await self.inspect.zcard(self.keys.resync))
+                except redis.RedisError:
+                    return False
+
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    return await check()
+                    await check()
+                    self.failed_mirror_calls = failed()
+                    return
                 except AssertionError:
-                    if time.monotonic() > deadline:
+                    waits = self.state == "up" and (
+                        failed() != self.failed_mirror_calls or await awaiting_resync()
+                    )
+                    if not waits or time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.1)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -39,9 +40,13 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 
 @contextlib.asynccontextmanager
 async def _behind_proxies(
-    settings: Settings,
+    settings: Settings, store: str
 ) -> AsyncIterator[tuple[Server, FaultProxy, FaultProxy]]:
-    """A server that reaches Valkey and Postgres through a proxy each."""
+    """A server that reaches Valkey and Postgres through a proxy each. The `store` a test slows
+    is judged by the production threshold; the other keeps the suite's raised one, so the
+    machine's own load cannot name it (a loaded CI box once stretched Postgres operations to a
+    785 ms p99 while only Valkey was slowed)."""
+    production = f"{store}_slow_seconds"
     async with (
         FaultProxy(urlsplit(settings.valkey_url).port or 6379) as valkey,
         FaultProxy(urlsplit(settings.database_url).port or 5432) as postgres,
@@ -50,9 +55,7 @@ async def _behind_proxies(
             settings,
             valkey_url=_via(settings.valkey_url, valkey.port),
             database_url=_via(settings.database_url, postgres.port),
-            # The production thresholds (the suite's are raised for its loaded machine).
-            valkey_slow_seconds=_DEFAULTS["valkey_slow_seconds"],
-            postgres_slow_seconds=_DEFAULTS["postgres_slow_seconds"],
+            **{production: _DEFAULTS[production]},
         )
         async with running(proxied) as server:
             yield server, valkey, postgres
@@ -95,7 +98,7 @@ async def test_a_slow_valkey_is_named_by_status_and_timed_by_operation(
 ) -> None:
     mitras = [await fleet.mitra(online=True) for _ in range(5)]
     async with (
-        _behind_proxies(settings) as (server, valkey, _),
+        _behind_proxies(settings, "valkey") as (server, valkey, _),
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         stub = Stub(channel)
@@ -105,10 +108,16 @@ async def test_a_slow_valkey_is_named_by_status_and_timed_by_operation(
             for mitra in mitras:
                 await stub.IsMitraReachable(pb.IsMitraReachableRequest(mitra_id=str(mitra)))
 
+        async def quiet() -> bool:
+            return not [p for p in await _problems(server) if "Valkey slow" in p]
+
         async with _load(reads, 4):
             await eventually(lambda: _announced(server), timeout=15, what="announced")
-            assert not [p for p in await _problems(server) if "slow" in p]
-            valkey.slow(to_client=0.08)
+            # Not slow before the fault (a busy machine may need a moment to settle).
+            await eventually(quiet, timeout=20, interval=0.5, what="Valkey not slow at first")
+            # Well past the threshold (0.05 s), so its end shows even when the machine's own
+            # load keeps the p99 above the threshold (the suite's six workers can).
+            valkey.slow(to_client=0.3)
 
             async def named() -> list[str]:
                 return [p for p in await _problems(server) if "Valkey slow" in p]
@@ -120,10 +129,17 @@ async def test_a_slow_valkey_is_named_by_status_and_timed_by_operation(
             assert _slower_than(samples, "valkey", "status", 0.05) > 0
             valkey.heal()
 
-            async def quiet() -> bool:
-                return not [p for p in await _problems(server) if "Valkey slow" in p]
+            async def healed() -> bool:
+                # Not slow, or slow only by the machine's load: the 300 ms are out of the window.
+                return all(int(p99) < 150 for p99 in _p99s_ms(await named()))
 
-            await eventually(quiet, timeout=20, interval=0.5, what="Valkey no longer slow")
+            await eventually(healed, timeout=30, interval=0.5, what="Valkey no longer slow")
+
+
+def _p99s_ms(problems: list[str]) -> list[str]:
+    p99s = [re.search(r"p99 (\d+) ms", p) for p in problems]
+    assert all(p99s), problems
+    return [m[1] for m in p99s if m]
 
 
 async def _announced(server: Server) -> bool:
@@ -137,7 +153,7 @@ async def test_a_slow_postgres_and_an_exhausted_pool_are_named_and_measured(
     mitras = [await fleet.mitra() for _ in range(8)]
     settings = replace(settings, database_pool_size=2)
     async with (
-        _behind_proxies(settings) as (server, _, postgres),
+        _behind_proxies(settings, "postgres") as (server, _, postgres),
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         stub = Stub(channel)
